@@ -1,0 +1,5 @@
+"""Placeholder: subcommand registered here (being built)."""
+
+
+def register(sub) -> None:
+    pass
