@@ -1,0 +1,29 @@
+"""Human-friendly counts: `8K` context, `50M` tokens, `5GB` shards. One place for the parsing."""
+
+from __future__ import annotations
+
+import re
+from typing import Union
+
+from .errors import ConfigError
+
+_SUFFIX = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000, "t": 1_000_000_000_000}
+
+
+def parse_count(value: Union[int, float, str], *, what: str, binary_k: bool = False) -> int:
+    """`50M`, `1.5B`, `128K`, `131072` -> int. `binary_k` makes K mean 1024 (context lengths)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be a positive number like 8K or 131072, not {value!r}")
+    if isinstance(value, (int, float)):
+        number = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbtKMBT]?)\s*", str(value))
+        if not m:
+            raise ConfigError(f"{what} must be a positive number like 8K, 50M or 131072, not {value!r}")
+        scale = _SUFFIX.get(m.group(2).lower(), 1)
+        if binary_k and m.group(2).lower() == "k":
+            scale = 1024
+        number = float(m.group(1)) * scale
+    if number <= 0 or int(number) != number:
+        raise ConfigError(f"{what} must be a positive whole number, not {value!r}")
+    return int(number)
