@@ -8,6 +8,7 @@ GqaConvertError are printed as one line and turned into a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -54,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     except GqaConvertError as err:
         print(f"gqa-convert: error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(
+            f"gqa-convert: error: cannot write{where}: {err.strerror}; free space or choose a writable "
+            "folder, then re-run the same command (completed work is kept, partial output was discarded)",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print("gqa-convert: interrupted; re-run the same command to resume.", file=sys.stderr)
         return 130
