@@ -107,14 +107,14 @@ def stage_settings(recipe: Recipe, stage: str) -> dict:
     base = {"source": recipe.source, "revision": recipe.revision}
     if stage == "plan":
         return {**base, "context": recipe.context_tokens, "kv_heads": recipe.kv_heads,
-                "max_loss_increase": recipe.max_loss_increase}
+                "max_loss_increase": recipe.max_loss_increase, "law": recipe.law}
     if stage == "convert":
         return {**base, **recipe.convert.model_dump()}
     if stage == "uptrain":
         return {"context": recipe.context_tokens, **recipe.uptrain.model_dump()}
     if stage == "verify":
         return {"context": recipe.context_tokens, **recipe.verify.model_dump(),
-                "data": recipe.verify.data or recipe.uptrain.data}
+                "data": recipe.verify.data or recipe.uptrain.data, "law": recipe.law}
     if stage == "card":
         return {"push_repo": recipe.push.repo if recipe.push else None}
     if stage == "push":

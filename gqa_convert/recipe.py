@@ -91,6 +91,7 @@ class Recipe(_Section):
     run_dir: str
     revision: Optional[str] = None
     max_loss_increase: Optional[float] = Field(default=None, gt=0)
+    law: Optional[str] = None  # a law.yaml from `gqa-convert law fit`; default: the shipped law
     convert: ConvertSettings = Field(default_factory=ConvertSettings)
     uptrain: UptrainSettings = Field(default_factory=lambda: UptrainSettings(enabled=False))
     verify: VerifySettings = Field(default_factory=VerifySettings)

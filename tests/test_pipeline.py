@@ -1,0 +1,90 @@
+"""The whole pipeline on the offline demo recipe (the real stories260K model): end to end with
+push to the loopback hub, killed during uptraining and resumed, a re-run that does no work, and a
+changed setting that re-runs only the stages after it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hubserver import hub  # noqa: F401
+
+from conftest import FIXTURES, ROOT, need
+from gqa_convert.cli import main
+
+RECIPE = ROOT / "recipes" / "demo-stories260k.yaml"
+
+
+def _overrides(run_dir: Path) -> list[str]:
+    # The recipe's paths are relative to the repository root; tests may run from anywhere.
+    return [
+        f"run_dir={run_dir}",
+        f"source={need(FIXTURES / 'stories260K' / 'stories260K.bin')}",
+        f"uptrain.data={need(FIXTURES / 'text' / 'tinystories_val_head.txt')}",
+        f"verify.data={FIXTURES / 'text' / 'tinystories_val_head.txt'}",
+    ]
+
+
+def _stages(run_dir: Path) -> dict:
+    return json.loads((run_dir / "state.json").read_text())["stages"]
+
+
+@pytest.mark.slow
+def test_demo_recipe_end_to_end(hub, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("GQA_CONVERT_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    args = ["run", str(RECIPE), *_overrides(run_dir), "push.repo=alice/stories260K-gqa2"]
+
+    # 1. Killed (SIGKILL) in the middle of uptraining.
+    env = {**os.environ, "GQA_CONVERT_KILL_AFTER_STEP": "60", "GQA_CONVERT_CACHE": str(tmp_path / "cache")}
+    killed = subprocess.run([sys.executable, "-m", "gqa_convert", *args], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert killed.returncode != 0, killed.stdout + killed.stderr
+    stages = _stages(run_dir)
+    assert stages["convert"]["status"] == "done" and stages["uptrain"]["status"] == "running"
+    assert "alice/stories260K-gqa2" not in hub.state.repos
+
+    # 2. The same command finishes the run: uptraining resumes, verification passes, push happens.
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[plan] up to date" in out and "[convert] up to date" in out and "[uptrain] resuming" in out
+    stages = _stages(run_dir)
+    assert all(stages[s]["status"] == "done" for s in ("plan", "convert", "uptrain", "verify", "card", "push"))
+    metrics = [json.loads(line) for line in (run_dir / "uptrain" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in metrics if "step" in m]
+    assert steps and steps[-1] == 150 and min(steps) <= 60  # continued, not restarted
+
+    verification = json.loads((run_dir / "model" / "verification.json").read_text())
+    assert verification["passed"] is True
+    files = hub.files("alice/stories260K-gqa2")
+    assert "README.md" in files and any(f.endswith(".safetensors") for f in files)
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    commits = len(hub.state.repos["alice/stories260K-gqa2"].commits) if hasattr(
+        hub.state.repos["alice/stories260K-gqa2"], "commits") else None
+
+    # 3. Re-running does no work.
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for stage in ("plan", "convert", "uptrain", "verify", "card", "push"):
+        assert f"[{stage}] up to date" in out
+    if commits is not None:
+        assert len(hub.state.repos["alice/stories260K-gqa2"].commits) == commits
+
+    # 4. A changed verification setting re-runs verify and what follows, never what came before.
+    assert main([*args, "verify.heldout_docs=100"]) == 0
+    out = capsys.readouterr().out
+    assert "[uptrain] up to date" in out and "[verify] running" in out and "[push] running" in out
+
+
+def test_pipeline_default_command_validates_before_work(tmp_path, capsys):
+    rc = main(["some/model", "--kv-heads", "two", "--context", "8K", "--run-dir", str(tmp_path / "r")])
+    assert rc == 2 and "--kv-heads must be a whole number or 'auto'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    rc = main(["run", str(RECIPE), "uptrain.stepz=3", f"run_dir={tmp_path / 'r2'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown key 'uptrain.stepz'" in err and not (tmp_path / "r2").exists()
