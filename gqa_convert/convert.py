@@ -1,5 +1,439 @@
-"""Placeholder: subcommand registered here (being built)."""
+"""`gqa-convert convert`: regroup a checkpoint's KV heads, streaming, into a new folder.
+
+    source folder --TensorReader--> one layer's attention tensors --split--> AttentionBlock
+        --method (mean pool, ...)--> AttentionBlock(new_kv) --join--> ShardWriter --> temp folder
+    every other tensor is copied unchanged; then config.json (KV field only), tokenizer,
+    generation config, licence and gqa_convert.json; the temp folder is renamed into place last.
+
+Everything that can be checked is checked before the first byte is written: the family, the
+head counts, the output path, every shard of the source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Union
+
+from torch import Tensor
+
+from . import __version__
+from .architectures import Family, get_family, head_shape, new_shape
+from .checkpoint import SAFE_INDEX, ShardWriter, TensorReader, parse_size
+from .errors import CheckpointError, ConfigError, InvalidHeadCountError, OutputError
+from .regroup import METHODS, HeadShape, LayerMethod, valid_kv_counts
+from .source import aliases, cache_dir, load_config, resolve_source
+
+# Files of a source folder that are never copied: weights (rewritten), the config (rewritten),
+# the old model card (describes another model), our own record.
+SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".partial")
+SKIP_NAMES = {"config.json", "README.md", "gqa_convert.json", SAFE_INDEX, "pytorch_model.bin.index.json"}
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion wrote."""
+
+    output: Path
+    family: str
+    old_shape: HeadShape
+    new_shape: HeadShape
+    method: str
+    tensors_changed: int = 0
+    tensors_copied: int = 0
+    bytes_written: int = 0
+    weight_files: list[str] = field(default_factory=list)
+    peak_tensor_bytes: int = 0  # most tensor bytes the writer held at once
+    report: dict[int, Any] = field(default_factory=dict)  # per layer, filled by a merge method
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["output"] = str(self.output)
+        return d
+
+
+def resolve_method(
+    method: Union[str, LayerMethod],
+    *,
+    source_dir: Path,
+    calib_data: Optional[Path] = None,
+    calib_tokens: Optional[int] = None,
+    cache_dir: Optional[Path] = None,
+) -> tuple[str, LayerMethod]:
+    """(name, callable) for a method name in regroup.METHODS, a gqa_convert.merge method, or a callable."""
+    if callable(method):
+        return getattr(method, "__name__", type(method).__name__), method
+    if method in METHODS:
+        return method, METHODS[method]
+    fn = _merge_module(method).build_method(
+        method, source_dir=source_dir, calib_data=calib_data, calib_tokens=calib_tokens, cache_dir=cache_dir
+    )
+    return method, fn
+
+
+def _merge_module(method: str):
+    """gqa_convert.merge (the calibrated merges), or a ConfigError naming what is available."""
+    try:
+        from . import merge  # built separately: align/optimal with calibration
+    except ImportError:
+        raise ConfigError(
+            f"method {method!r} is not available in this install (have: {', '.join(METHODS)}); "
+            "the calibrated merges (align, optimal) need the gqa_convert.merge package"
+        ) from None
+    return merge
+
+
+def check_output(output: Path, source: Path, overwrite: bool) -> None:
+    """Refuse an output that equals, contains or lies inside the source, exists, or cannot be written."""
+    out = output.resolve()
+    src = source.resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise OutputError(f"output {output} overlaps the source {source}; choose a folder outside it")
+    if out.exists() and not overwrite:
+        raise OutputError(f"output {output} already exists; pass --overwrite to replace it or choose another folder")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {output} exists and is not a folder")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot create output {output}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write output {output}: no write permission in {parent}")
+
+
+def convert_checkpoint(
+    source: Union[str, Path],
+    output: Union[str, Path],
+    kv_heads: int,
+    *,
+    method: Union[str, LayerMethod] = "mean",
+    max_shard_size: Union[int, str] = "5GB",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
+    calib_data: Optional[Union[str, Path]] = None,
+    calib_tokens: Optional[int] = None,
+) -> ConvertResult:
+    """Convert SOURCE to a checkpoint with `kv_heads` KV heads, written to OUTPUT.
+
+    Args:
+        source: folder, alias, hub repo id or llama2.c .bin (see `source.resolve_source`).
+        output: the new checkpoint folder (created; must not exist unless overwrite).
+        kv_heads: new KV-head count; must divide the old one (equal = identity conversion).
+        method: "mean" (Ainslie et al. mean pooling), a gqa_convert.merge method name, or a
+            LayerMethod callable. A callable with a `report` dict attribute fills result.report.
+        max_shard_size: cap per output shard ("5GB", "500MB", or bytes).
+        overwrite: replace an existing output (swapped in only when the new one is complete).
+        allow_pickle: read pytorch_model*.bin weights (weights_only=True) when no safetensors.
+        progress: show a progress bar over bytes (stderr).
+        revision, token: for hub sources.
+    Returns:
+        ConvertResult.
+    Raises:
+        InvalidHeadCountError, OutputError, CheckpointError, UnsupportedModelError,
+        SourceNotFoundError, AccessError, HubError, ConfigError — before anything is written.
+
+    Example:
+        >>> convert_checkpoint("path/to/llama", "llama-gqa2", kv_heads=2)  # doctest: +SKIP
+    """
+    output = Path(output).expanduser()
+    max_bytes = parse_size(max_shard_size)
+    # Config first (for a hub source: config.json only), so that every check below runs before
+    # gigabytes are downloaded and before anything is written.
+    src = resolve_source(str(source), revision=revision, token=token, config_only=True)
+    config = load_config(src)
+    family = get_family(config)
+    old = head_shape(family, config)
+    if not isinstance(kv_heads, int) or kv_heads not in valid_kv_counts(old.n_heads, old.n_kv):
+        raise InvalidHeadCountError(
+            f"{kv_heads} KV heads is not reachable from {old.n_kv} KV heads ({old.n_heads} query heads): "
+            f"valid_kv_counts are {valid_kv_counts(old.n_heads, old.n_kv)}"
+        )
+    check_output(output, src, overwrite)
+    if isinstance(method, str) and method not in METHODS:
+        _merge_module(method)  # fail now, not after a download
+    local = Path(str(source)).expanduser().exists()
+    if not local:  # hub source: now fetch the weights too
+        src = resolve_source(str(source), revision=revision, token=token, allow_pickle=allow_pickle)
+    name, fn = resolve_method(
+        method,
+        source_dir=src,
+        calib_data=Path(calib_data) if calib_data else None,
+        calib_tokens=calib_tokens,
+        cache_dir=cache_dir(),
+    )
+    new = new_shape(old, kv_heads)
+    reader = TensorReader(src, allow_pickle=allow_pickle)
+    layers = _layer_of_names(family, family.n_layers(config), reader)
+    result = ConvertResult(output=output, family=family.name, old_shape=old, new_shape=new, method=name)
+
+    created = _missing_parents(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        _write_weights(reader, family, layers, old, new, fn, max_bytes, tmp, result, progress)
+        _copy_side_files(src, tmp)
+        (tmp / "config.json").write_text(json.dumps(family.updated_config(config, kv_heads), indent=2) + "\n")
+        if isinstance(getattr(fn, "report", None), dict):
+            result.report = dict(fn.report)
+        record = {
+            "tool": "gqa-convert",
+            "version": __version__,
+            # a hub id or alias as given; for a local folder only its name (no local paths published)
+            "source": Path(str(source)).name if local else str(source),
+            "source_repo": aliases()[str(source)].repo if str(source) in aliases() else None,
+            "revision": revision,
+            "family": family.name,
+            "old": asdict(old),
+            "new": asdict(new),
+            "method": name,
+            "report": {str(k): v for k, v in result.report.items()},
+        }
+        (tmp / "gqa_convert.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        _move_into_place(tmp, output, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+    finally:
+        reader.close()
+    return result
+
+
+def _missing_parents(output: Path) -> list[Path]:
+    """Ancestors of output that do not exist yet, deepest first (removed again on failure)."""
+    out, p = [], output.parent
+    while not p.exists():
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def _layer_of_names(family: Family, n_layers: int, reader: TensorReader) -> dict[str, int]:
+    """Attention tensor name -> layer index; checks every required tensor is there (before writing)."""
+    owner = {}
+    for i in range(n_layers):
+        for role, name in family.layer_tensor_names(i).items():
+            if name in reader:
+                owner[name] = i
+            elif role not in family.optional:
+                raise CheckpointError(
+                    f"tensor {name} is missing from {reader.folder}: not a complete {family.name} checkpoint"
+                )
+    return owner
+
+
+def _walk(
+    reader: TensorReader,
+    family: Family,
+    layers: dict[str, int],
+    old: HeadShape,
+    new: HeadShape,
+    get: Callable[[str], Tensor],
+    method: LayerMethod,
+) -> Iterator[tuple[str, Tensor, Optional[Tensor]]]:
+    """(name, tensor to write, tensor as read) in write order: the source's tensor order, with a
+    layer's attention tensors regrouped together where its first one appears."""
+    done: set[int] = set()
+    for name in reader.names():
+        if name not in layers:
+            t = get(name)
+            yield name, t, t
+            del t  # do not hold it while the next one is read
+            continue
+        i = layers[name]
+        if i in done:
+            continue
+        done.add(i)
+        tensors = {n: get(n) for n, j in layers.items() if j == i}
+        out = family.join(i, method(i, family.split(i, tensors, old), old, new.n_kv), new)
+        if set(out) != set(tensors):
+            raise CheckpointError(f"layer {i}: regrouping returned tensors {sorted(out)}, expected {sorted(tensors)}")
+        for n in tensors:  # the source's order, which the write plan follows
+            yield n, out[n], tensors[n]
+
+
+def _plan(
+    reader: TensorReader, family: Family, layers: dict[str, int], old: HeadShape, new: HeadShape
+) -> list[tuple[str, Any, tuple[int, ...]]]:
+    """(name, dtype, shape) of every output tensor in the order `_walk` yields them, from the
+    stored shapes alone. The writer checks each real tensor against it."""
+    plan, done = [], set()
+    for name in reader.names():
+        if name not in layers:
+            plan.append((name, *reader.dtype_shape(name)))
+            continue
+        i = layers[name]
+        if i in done:
+            continue
+        done.add(i)
+        own = [n for n, j in layers.items() if j == i]
+        shapes = family.joined_shapes(i, {n: reader.dtype_shape(n)[1] for n in own}, old, new)
+        plan += [(n, reader.dtype_shape(n)[0], shapes[n]) for n in own]
+    return plan
+
+
+def _write_weights(
+    reader: TensorReader,
+    family: Family,
+    layers: dict[str, int],
+    old: HeadShape,
+    new: HeadShape,
+    fn: LayerMethod,
+    max_bytes: int,
+    folder: Path,
+    result: ConvertResult,
+    progress: bool,
+) -> None:
+    """Stream every tensor: attention tensors a layer at a time through the method, the rest copied.
+
+    The output layout is planned first from shapes alone (meta tensors through mean pooling), so
+    each tensor goes to disk as soon as it is ready: memory holds one layer's attention tensors.
+    """
+    from tqdm.auto import tqdm
+
+    plan = _plan(reader, family, layers, old, new)
+    writer = ShardWriter(folder, max_bytes, plan=plan)
+    total = sum(reader.nbytes(n) for n in reader.names())
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress, file=sys.stderr) as bar:
+            for name, t, before in _walk(reader, family, layers, old, new, reader.get, fn):
+                writer.add(name, t.contiguous())
+                if t is before or _same(t, before):
+                    result.tensors_copied += 1
+                else:
+                    result.tensors_changed += 1
+                if before is not None:
+                    bar.update(before.numel() * before.element_size())
+                del t, before
+            result.weight_files = writer.finish()
+    finally:
+        writer.close()
+    result.bytes_written = writer.total_size
+    result.peak_tensor_bytes = writer.max_pending
+
+
+def _same(a: Tensor, b: Optional[Tensor]) -> bool:
+    return b is not None and a.dtype == b.dtype and a.shape == b.shape and bool(a.equal(b))
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer, generation config, licence and other small top-level files; not weights or README."""
+    for p in sorted(src.iterdir()):
+        if p.name.startswith(".") or not p.is_file() or p.name in SKIP_NAMES or p.name.endswith(SKIP_SUFFIXES):
+            continue
+        shutil.copy2(p, dst / p.name)
+
+
+def _move_into_place(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Rename the finished temp folder to output; an old output is swapped out, then deleted."""
+    if output.exists() and overwrite:
+        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        os.replace(output, old / "x")
+        try:
+            os.replace(tmp, output)
+        except BaseException:
+            os.replace(old / "x", output)  # put the old one back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, output)
+
+
+# --- command line ---------------------------------------------------------------------------------
 
 
 def register(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "convert",
+        help="regroup a checkpoint's KV heads into fewer (mean pooling or a calibrated merge)",
+        description="Write a copy of SOURCE with --kv-heads KV heads. SOURCE: folder, alias, hub id or llama2.c .bin.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="checkpoint folder, alias (see `gqa-convert models`) or hub id")
+    p.add_argument("--kv-heads", required=True, help="new KV-head count (must divide the old one), or 'auto'")
+    p.add_argument("--output", "-o", required=True, type=Path, help="folder to create")
+    p.add_argument("--method", default="mean", help="mean | align | optimal (default mean)")
+    p.add_argument("--calib-data", type=Path, default=None, help="text file for calibrated merges")
+    p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens for calibrated merges")
+    p.add_argument("--context", type=int, default=None, help="context length for --kv-heads auto")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--allow-pickle", action="store_true", help="read pickle .bin weights (weights_only)")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_cmd_convert)
+
+    m = sub.add_parser("models", help="list the model aliases convert accepts")
+    m.add_argument("--json", action="store_true", help="print as JSON")
+    m.set_defaults(func=_cmd_models)
+
+
+def _kv_heads_arg(args) -> int:
+    if str(args.kv_heads).lower() == "auto":
+        if not args.context:
+            raise ConfigError("--kv-heads auto needs --context (the serving context length in tokens)")
+        try:
+            from .plan import recommend_kv_heads
+        except ImportError:
+            raise ConfigError(
+                "--kv-heads auto needs the planner (gqa_convert.plan), not available yet; pass a number"
+            ) from None
+        src = resolve_source(args.source, revision=args.revision, config_only=True)
+        return int(recommend_kv_heads(src, args.context))
+    try:
+        return int(args.kv_heads)
+    except ValueError:
+        raise ConfigError(f"--kv-heads must be a whole number or 'auto', got {args.kv_heads!r}") from None
+
+
+def _cmd_convert(args) -> int:
+    result = convert_checkpoint(
+        args.source,
+        args.output,
+        _kv_heads_arg(args),
+        method=args.method,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+        progress=not (args.no_progress or args.json),
+        revision=args.revision,
+        token=os.environ.get("HF_TOKEN") or None,
+        calib_data=args.calib_data,
+        calib_tokens=args.calib_tokens,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        o, n = result.old_shape, result.new_shape
+        print(
+            f"wrote {result.output}: {result.family}, KV heads {o.n_kv} -> {n.n_kv} ({o.n_heads} query heads, "
+            f"head_dim {o.head_dim}), method {result.method}; {result.tensors_changed} tensors regrouped, "
+            f"{result.tensors_copied} copied, {result.bytes_written / 1e6:.1f} MB in {len(result.weight_files)} file(s)"
+        )
+    return 0
+
+
+def _cmd_models(args) -> int:
+    rows = list(aliases().values())
+    if args.json:
+        print(json.dumps([asdict(a) for a in rows], indent=2))
+        return 0
+    print(f"{'alias':<17} {'repo':<36} {'family':<11} {'heads':>5} {'kv':>4} {'pretrain tokens':>15}  licence")
+    for a in rows:
+        tokens = f"{a.pretraining_tokens / 1e12:g}T" if a.pretraining_tokens else "unknown"
+        heads = f"{a.heads or '?':>5} {a.kv_heads or '?':>4}"
+        print(f"{a.name:<17} {a.repo:<36} {a.family:<11} {heads} {tokens:>15}  {a.licence or '?'}")
+    return 0

@@ -51,3 +51,7 @@ class VerificationFailed(GqaConvertError):
 
 class HubError(GqaConvertError):
     """The hub (or a hub-compatible server) is unreachable or refused a request."""
+
+
+class LawError(ConfigError):
+    """A target the scaling law cannot reach (loss at or below E) or a head configuration it lacks."""

@@ -1,5 +1,322 @@
-"""Placeholder: subcommand registered here (being built)."""
+"""`gqa-convert push`: publish a verified model folder to the hub in one commit.
+
+What goes up is an allow-list: safetensors shards and their index, config and generation config,
+tokenizer files, licence files, the model card (README.md), verification.json and the PNG plots.
+Pickle files (*.bin, *.pt, *.pkl, ...), optimizer states and training checkpoints never do.
+The push refuses a folder whose verification.json is missing or failed unless `--force`, and
+validates the card's YAML before anything is sent. Everything lands in ONE commit, which the hub
+applies atomically: after a failure nothing is half-uploaded and re-running the command completes.
+
+The token comes from huggingface_hub's usual sources (`--token`, HF_TOKEN, `hf auth login`); it
+is passed to the client only, never printed or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .errors import (
+    AccessError, CheckpointError, ConfigError, GqaConvertError, HubError, SourceNotFoundError, VerificationFailed,
+)  # fmt: skip
+
+# What a published model folder holds (matched against the path relative to the folder).
+UPLOAD_PATTERNS = [
+    "*.safetensors", "model.safetensors.index.json",
+    "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "README.md", "verification.json", "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY.md",
+    "*.png", "plots/*.png",
+]  # fmt: skip
+# Never uploaded, whatever the folder holds: pickle can run code on load; training state is private.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
+TRAINING_STATE = ("optimizer*", "scheduler*", "rng_state*", "trainer_state*", "training_args*")
+TRAINING_DIRS = ("checkpoint", "checkpoints", "checkpoint-*", "checkpoint.*", "runs", "logs", ".cache", ".*")
+MAX_FILE_BYTES = 50 * 1000**3  # the hub refuses single files over 50 GB
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+@dataclass
+class UploadPlan:
+    """The files a push sends (path relative to the folder, bytes) and those it leaves, with why."""
+
+    folder: Path
+    files: list[tuple[str, int]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    revision: str
+    plan: UploadPlan
+    commit_url: Optional[str] = None  # None for a dry run
+    commit_oid: Optional[str] = None
+
+
+def plan_upload(folder: Path) -> UploadPlan:
+    """Sort the folder's files into uploaded and skipped; refuse a folder with no safetensors weights."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SourceNotFoundError(f"{folder} is not a folder: pass the converted model's output folder")
+    plan = UploadPlan(folder)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        parts = rel.split("/")
+        name = parts[-1]
+        if any(fnmatch.fnmatch(part, pat) for part in parts[:-1] for pat in TRAINING_DIRS):
+            plan.skipped.append((rel, "training run state"))
+        elif name.lower().endswith(PICKLE_SUFFIXES):
+            plan.skipped.append((rel, "pickle file: never published"))
+        elif any(fnmatch.fnmatch(name, pat) for pat in TRAINING_STATE):
+            plan.skipped.append((rel, "training state"))
+        elif any(fnmatch.fnmatch(rel, pat) for pat in UPLOAD_PATTERNS) and (len(parts) == 1 or rel.startswith("plots/")):
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                raise CheckpointError(
+                    f"{rel} is {size / 1e9:.1f} GB; the hub refuses files over 50 GB: re-save with a smaller max shard size"
+                )
+            plan.files.append((rel, size))
+        else:
+            plan.skipped.append((rel, "not part of a published model"))
+    names = {rel for rel, _ in plan.files}
+    if "config.json" not in names:
+        raise CheckpointError(f"{folder} has no config.json: pass a converted model folder (gqa-convert convert ... -o DIR)")
+    if not any(rel.endswith(".safetensors") for rel in names):
+        pickles = [rel for rel, why in plan.skipped if why.startswith("pickle")]
+        hint = f" (it holds pickle weights {pickles[0]}, which are never published)" if pickles else ""
+        raise CheckpointError(f"{folder} has no safetensors weights{hint}: save the model with safe_serialization")
+    return plan
+
+
+def check_verification(folder: Path) -> dict:
+    """verification.json of the folder if it passed; else VerificationFailed saying why and what to run."""
+    path = Path(folder) / "verification.json"
+    how = f"run `gqa-convert verify {folder} --source SOURCE --data TEXT --context T` (or push with --force)"
+    if not path.is_file():
+        raise VerificationFailed(f"{folder} has no verification.json, so nothing shows it matches the law: {how}")
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise VerificationFailed(f"{path} is not valid JSON ({err}): {how}") from None
+    if report.get("passed") is not True:
+        reasons = "; ".join(report.get("reasons") or []) or "no pass recorded"
+        raise VerificationFailed(f"verification failed ({reasons}): uptrain further and re-verify, or push with --force")
+    return report
+
+
+def _card_needs_repo_id(folder: Path) -> bool:
+    """No README.md yet, or the one `verify` wrote with a REPO_ID placeholder in its usage snippet."""
+    path = Path(folder) / "README.md"
+    return not path.is_file() or 'from_pretrained("REPO_ID")' in path.read_text(errors="replace")
+
+
+def _complete_card(folder: Path, repo_id: str) -> None:
+    """Write the card if missing; else fill the repo id into its usage snippet, keeping any edits."""
+    from .card import write_model_card
+
+    path = Path(folder) / "README.md"
+    if not path.is_file():
+        write_model_card(folder, repo_id=repo_id)
+        return
+    text = path.read_text().replace('from_pretrained("REPO_ID")', f'from_pretrained("{repo_id}")')
+    tmp = path.with_name(f".README.md.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def validate_card(folder: Path, *, remote: bool, token: Optional[str] = None) -> None:
+    """Parse README.md's YAML metadata (and model-index) locally; with `remote`, ask the hub's validator too."""
+    from huggingface_hub import ModelCard
+
+    path = Path(folder) / "README.md"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no README.md model card: run `gqa-convert verify` (it writes the card)")
+    text = path.read_text()
+    if not text.startswith("---"):
+        raise ConfigError(f"{path} has no YAML metadata block (--- ... ---) at the top: regenerate the card")
+    try:
+        card = ModelCard(text)
+        card.data.to_dict()  # model-index parsed into eval results and back
+    except Exception as err:  # ValueError from the parser, or a model-index that does not parse
+        raise ConfigError(f"{path}: invalid card metadata ({str(err).splitlines()[0]}); fix the YAML block") from None
+    if remote:
+        try:
+            card.validate(repo_type="model")
+        except ValueError as err:  # the validator answered 400: the card's YAML is invalid
+            raise ConfigError(f"the hub rejected {path}'s metadata ({_first_line(err)}); fix the YAML block") from None
+        except Exception as err:
+            raise hub_error(err, "the card validator", "validate the model card") from None
+
+
+def _first_line(err: Exception) -> str:
+    """The hub's own message, one line: the JSON `error` field when the body is JSON."""
+    text = str(err).strip()
+    try:
+        text = str(json.loads(text).get("error", text))
+    except (ValueError, AttributeError):
+        pass
+    return (text.splitlines() or [type(err).__name__])[0][:300]
+
+
+def hub_error(err: Exception, repo_id: str, action: str) -> GqaConvertError:
+    """A one-line project error for a huggingface_hub / HTTP failure while doing `action` on `repo_id`."""
+    from huggingface_hub import constants
+    from huggingface_hub import errors as hf
+
+    if isinstance(err, GqaConvertError):
+        return err
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    login = "log in with `hf auth login`, set HF_TOKEN or pass --token"
+    if isinstance(err, hf.GatedRepoError):
+        return AccessError(f"{repo_id} is gated: accept its terms on the hub, then {login}")
+    if isinstance(err, hf.RepositoryNotFoundError):
+        if status == 401:
+            return AccessError(f"{repo_id} is private or does not exist and no valid token was sent: {login}")
+        return SourceNotFoundError(f"hub repo {repo_id} does not exist (or your token cannot see it): check the id")
+    if isinstance(err, hf.RevisionNotFoundError):
+        return SourceNotFoundError(f"that revision does not exist in {repo_id}: check the branch, tag or commit")
+    if isinstance(err, hf.HfHubHTTPError) and status is not None:
+        if status in (401, 403):
+            return AccessError(f"the hub refused to {action} {repo_id} (HTTP {status}): use a token with write access to it; {login}")
+        if status >= 500:
+            return HubError(f"the hub failed to {action} {repo_id} (HTTP {status}); nothing was committed, re-run the command")
+        return HubError(f"the hub refused to {action} {repo_id} (HTTP {status}: {str(err).splitlines()[0][:200]})")
+    if isinstance(err, hf.OfflineModeIsEnabled):
+        return HubError(f"cannot {action} {repo_id}: HF_HUB_OFFLINE is set; unset it to reach the hub")
+    return HubError(
+        f"cannot reach the hub at {constants.ENDPOINT} to {action} {repo_id} ({type(err).__name__}); "
+        "check the connection or HF_ENDPOINT, then re-run (nothing was committed)"
+    )
+
+
+def push(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: Optional[str] = None,
+    dry_run: bool = False,
+    force: bool = False,
+    token: Optional[str] = None,
+    commit_message: Optional[str] = None,
+) -> PushResult:
+    """Upload a converted, verified model folder to `repo_id` in one commit.
+
+    Args:
+        folder: the model folder (safetensors, config, tokenizer, README.md, verification.json).
+        repo_id: `user/name` or `org/name`; created (private if asked) when missing.
+        private: create the repo private (an existing repo keeps its visibility).
+        revision: branch to commit to, created from main when missing; default main.
+        dry_run: only plan and validate locally; nothing is sent.
+        force: push even when verification is missing or failed.
+        token: hub token; default HF_TOKEN or the `hf auth login` token. Never logged.
+    Returns:
+        PushResult with the plan and, unless dry_run, the commit url and id.
+    Raises:
+        VerificationFailed, CheckpointError, ConfigError, AccessError, HubError.
+
+    Example:
+        >>> push(Path("out/llama-gqa2"), "me/llama-gqa2", dry_run=True)  # doctest: +SKIP
+    """
+    folder = Path(folder)
+    if not REPO_ID.match(repo_id or ""):
+        raise ConfigError(f"--repo must look like user/name or org/name, not {repo_id!r}")
+    plan = plan_upload(folder)
+    if not force:
+        check_verification(folder)
+    branch = revision or "main"
+    if not dry_run and _card_needs_repo_id(folder):
+        _complete_card(folder, repo_id)
+        plan = plan_upload(folder)
+    if dry_run:
+        if _card_needs_repo_id(folder):  # the card push would write: render and check it, write nothing
+            from .card import check_card_text, render_card
+
+            text = render_card(folder, repo_id=repo_id)
+            check_card_text(text)
+            if not (folder / "README.md").is_file():
+                plan.files.append(("README.md (to be generated)", len(text.encode())))
+        else:
+            validate_card(folder, remote=False)
+        return PushResult(repo_id, branch, plan)
+    validate_card(folder, remote=False)
+
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+
+    token = token or get_token()
+    if not token:
+        raise AccessError(f"pushing to {repo_id} needs a hub token with write access: log in with `hf auth login` or set HF_TOKEN")
+    api = HfApi(token=token)
+    validate_card(folder, remote=True, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if branch != "main":
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel, _ in plan.files]
+        info = api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=commit_message or f"Upload {folder.name} with gqa-convert",
+            revision=branch,
+        )
+    except Exception as err:  # every failure becomes one actionable line
+        raise hub_error(err, repo_id, "push to") from None
+    return PushResult(repo_id, branch, plan, commit_url=str(info.commit_url), commit_oid=info.oid)
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size} B"
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    result = push(
+        Path(args.dir), args.repo, private=args.private, revision=args.revision, dry_run=args.dry_run,
+        force=args.force, token=args.token, commit_message=args.message,
+    )
+    plan = result.plan
+    width = max(len(rel) for rel, _ in plan.files)
+    head = "would upload" if args.dry_run else "uploaded"
+    print(f"{head} {len(plan.files)} files ({_human(plan.total_bytes)}) to {result.repo_id}@{result.revision}:")
+    for rel, size in plan.files:
+        print(f"  {rel:<{width}}  {_human(size):>9}")
+    for rel, why in plan.skipped:
+        print(f"  skipped {rel}: {why}")
+    if args.force and not (Path(args.dir) / "verification.json").is_file():
+        print("warning: pushed with --force and no verification.json")
+    if result.commit_url:
+        print(f"commit: {result.commit_url}")
+    return 0
 
 
 def register(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "push",
+        help="publish a verified model folder to the hub in one commit",
+        description="Upload safetensors weights, config, tokenizer, model card, verification.json and plots "
+        "in one commit. Refuses unverified or failed folders unless --force; never uploads pickle files.",
+    )
+    p.add_argument("dir", metavar="DIR", help="converted model folder")
+    p.add_argument("--repo", required=True, help="target repo, user/name or org/name")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", default=None, help="branch to commit to (created from main if missing)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded and its size; send nothing")
+    p.add_argument("--force", action="store_true", help="push even if verification is missing or failed")
+    p.add_argument("--token", default=None, help="hub token (default: HF_TOKEN or the `hf auth login` token)")
+    p.add_argument("--message", default=None, help="commit message")
+    p.set_defaults(func=_run_push)

@@ -11,6 +11,9 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# The loopback hub server (`hub`) and the verified stories260K folders shared by the publish tests.
+pytest_plugins = ["hubserver"]
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("GQA_CONVERT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 STORIES_BIN = FIXTURES / "stories260K" / "stories260K.bin"

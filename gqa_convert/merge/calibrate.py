@@ -1,0 +1,346 @@
+"""Calibration statistics: per-layer covariance of the attention input, one layer at a time.
+
+For every decoder layer we want Σ = Σ_t [x_t; 1][x_t; 1]ᵀ ((D+1)×(D+1), float64), where x_t is
+what the attention block's q/k/v projections read (after the input layernorm where the family
+has one). The trailing 1 makes biases part of the same quadratic form: a projection with bias b
+is [W b] applied to [x; 1].
+
+Memory does not grow with depth: the model is built on the meta device (buffers such as rotary
+inv_freq stay real), the input embedding is loaded, one forward pass with every decoder layer
+replaced by a recorder captures each layer's keyword arguments (rotary position embeddings,
+causal / sliding-window masks, exactly as the model builds them), and then the layers run one
+at a time: materialise layer i from safetensors, push the calibration hidden states through it
+while a hook accumulates Σ_i, write Σ_i to the cache, drop the layer. Only the calibration
+batch's hidden states (tokens × D floats) and one layer live at once.
+
+The cache is a folder `calib-<key>/` under the run's cache folder: one safetensors per layer
+and a `meta.json` written last (the folder is renamed into place only when complete). The key
+hashes the checkpoint (config, safetensors headers, sizes, sampled bytes) and the exact token ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..checkpoint import TensorReader
+from ..errors import CheckpointError, DataError
+
+DEFAULT_SEQ_LEN = 512
+ATTENTION_NAMES = ("self_attn", "self_attention", "attn", "attention")
+
+
+# --- calibration text -> token chunks ------------------------------------------------------------
+
+
+def tokenize_documents(tokenizer, documents: Iterable[str], n_tokens: int) -> Tensor:
+    """The first n_tokens of the documents, each BOS-prefixed (when the tokenizer has one), concatenated."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids: list[int] = []
+    for doc in documents:
+        ids.extend(([bos] if bos is not None else []) + tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if len(ids) >= n_tokens:
+            break
+    return torch.tensor(ids[:n_tokens], dtype=torch.long)
+
+
+def chunk_tokens(ids: Tensor, seq_len: int = DEFAULT_SEQ_LEN) -> list[Tensor]:
+    """[1, L] chunks of a token stream (the last one may be shorter)."""
+    return [ids[i : i + seq_len].unsqueeze(0) for i in range(0, ids.numel(), seq_len)]
+
+
+def check_enough_tokens(n_tokens: int, hidden: int, where: str = "calibration data") -> None:
+    """Σ is (hidden+1)² with the bias row: fewer tokens than that cannot make it full rank."""
+    if n_tokens < hidden + 1:
+        raise DataError(
+            f"{where} gives {n_tokens} tokens, fewer than the {hidden + 1} needed for a full-rank "
+            f"covariance of the hidden size {hidden}; give more text or a larger --calib-tokens "
+            f"(at least {hidden + 1}, ideally 10x that)"
+        )
+
+
+# --- cache keys ----------------------------------------------------------------------------------
+
+
+def checkpoint_fingerprint(folder: Union[str, Path]) -> str:
+    """A cheap hash of a checkpoint: config.json, each weight file's size, header and sampled bytes.
+
+    Reading every byte of a large checkpoint just for a cache key would cost as much as
+    calibrating; the safetensors header (names, shapes, offsets) plus three 64 KiB samples per
+    file changes whenever any realistic edit of the weights does.
+    """
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        p = folder / name
+        if name == "config.json" or name.endswith(".safetensors.index.json"):
+            h.update(name.encode() + p.read_bytes())
+        elif name.endswith(".safetensors") and p.is_file():
+            size = p.stat().st_size
+            h.update(f"{name}:{size}".encode())
+            with open(p, "rb") as f:
+                for off in (0, size // 2, max(0, size - 65536)):
+                    f.seek(off)
+                    h.update(f.read(65536))
+    return h.hexdigest()
+
+
+def cache_key(folder: Union[str, Path], chunks: Sequence[Tensor]) -> str:
+    h = hashlib.sha256(checkpoint_fingerprint(folder).encode())
+    for c in chunks:
+        h.update(f"|{c.shape[-1]}|".encode())
+        h.update(c.to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+# --- layer-by-layer execution -------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: records the keyword arguments the model passes it."""
+
+    def __init__(self, sink: list, last: bool):
+        super().__init__()
+        self.sink, self.last = sink, last
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink.append((args, kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+def _find_layers(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers:
+            return name, mod
+    raise CheckpointError(f"cannot find the {n_layers} decoder layers in {type(model).__name__}")
+
+
+def _attention_module(layer: nn.Module) -> nn.Module:
+    for name in ATTENTION_NAMES:
+        if isinstance(getattr(layer, name, None), nn.Module):
+            return getattr(layer, name)
+    raise CheckpointError(f"cannot find the attention module of {type(layer).__name__} (looked for {ATTENTION_NAMES})")
+
+
+def _materialize(module: nn.Module, prefix: str, reader: TensorReader, dtype: torch.dtype) -> None:
+    """Replace module's meta parameters by the checkpoint's tensors (cast to dtype)."""
+    for pname, param in list(module.named_parameters(recurse=True)):
+        full = f"{prefix}.{pname}" if prefix else pname
+        if full not in reader:
+            raise CheckpointError(f"tensor {full} is missing from the checkpoint")
+        t = reader.get(full).to(dtype)
+        if tuple(t.shape) != tuple(param.shape):
+            raise CheckpointError(f"tensor {full} has shape {tuple(t.shape)}, the config implies {tuple(param.shape)}")
+        owner_name, _, leaf = pname.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        setattr(owner, leaf, nn.Parameter(t, requires_grad=False))
+
+
+def _empty_model(folder: Path):
+    """The model skeleton: parameters on meta, buffers (rotary tables, embed scales) real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.eval(), config
+
+
+@torch.no_grad()
+def layer_covariances(
+    folder: Union[str, Path],
+    chunks: Sequence[Tensor],
+    *,
+    dtype: torch.dtype = torch.float32,
+    out_dir: Optional[Path] = None,
+) -> list[Tensor]:
+    """Σ per layer ((D+1)×(D+1) float64) of the attention input over the token chunks.
+
+    Args:
+        folder: a Hugging Face checkpoint folder (safetensors).
+        chunks: [1, L] token-id tensors.
+        dtype: compute dtype of the layers (Σ is always accumulated in float64).
+        out_dir: when given, each Σ_i is written there as layer-{i:05d}.safetensors as soon as it
+            is complete and not kept in memory (the return value is then empty).
+    Returns:
+        the list of Σ_i when out_dir is None, else [].
+    """
+    folder = Path(folder)
+    model, config = _empty_model(folder)
+    n_layers = int(getattr(config, "num_hidden_layers"))
+    prefix, layers = _find_layers(model, n_layers)
+    reader = TensorReader(folder)
+    _load_outside_layers(model, layers, reader, dtype)
+
+    originals = list(layers)
+    kwargs_by_len: dict[int, dict] = {}
+    for L in sorted({c.shape[-1] for c in chunks}):
+        sink: list = []
+        for i in range(n_layers):
+            layers[i] = _Recorder(sink, last=i == n_layers - 1)
+        try:
+            model(input_ids=chunks[[c.shape[-1] for c in chunks].index(L)], use_cache=False)
+        except _StopForward:
+            pass
+        kwargs_by_len[L] = sink
+    for i in range(n_layers):
+        layers[i] = originals[i]
+
+    hidden = _layer0_inputs(model, layers, chunks)
+    results: list[Tensor] = []
+    d_model = hidden[0].shape[-1]
+    for i in range(n_layers):
+        layer = layers[i]
+        _materialize(layer, f"{prefix}.{i}", reader, dtype)
+        sigma = torch.zeros(d_model + 1, d_model + 1, dtype=torch.float64)
+
+        def hook(mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+            sigma.add_(x.T @ x)
+
+        handle = _attention_module(layer).register_forward_pre_hook(hook, with_kwargs=True)
+        for j, h in enumerate(hidden):
+            args, kwargs = kwargs_by_len[h.shape[1]][i]
+            out = layer(h, *args, **kwargs)
+            hidden[j] = out[0] if isinstance(out, tuple) else out
+        handle.remove()
+        layers[i] = layer.to("meta")  # drop the weights
+        if out_dir is not None:
+            save_file({"sigma": sigma}, str(Path(out_dir) / f"layer-{i:05d}.safetensors"))
+        else:
+            results.append(sigma)
+    return results
+
+
+def _load_outside_layers(model: nn.Module, layers: nn.ModuleList, reader: TensorReader, dtype) -> None:
+    """Load the embeddings and small norms; the decoder layers wait, an untied output head is skipped."""
+    skip = {id(p) for p in layers.parameters()}
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if out_emb is not None:
+        skip |= {id(p) for p in out_emb.parameters()} - {id(p) for p in in_emb.parameters()}
+    for name, param in list(model.named_parameters()):
+        if id(param) in skip:
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if name not in reader:
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint")
+        setattr(owner, leaf, nn.Parameter(reader.get(name).to(dtype), requires_grad=False))
+
+
+def _layer0_inputs(model: nn.Module, layers: nn.ModuleList, chunks: Sequence[Tensor]) -> list[Tensor]:
+    """The hidden states entering layer 0 for each chunk (what the recorder saw)."""
+    out = []
+    for c in chunks:
+        grabbed: list = []
+
+        class First(nn.Module):
+            def forward(self, hidden_states, *a, **k):
+                grabbed.append(hidden_states)
+                raise _StopForward
+
+        keep = layers[0]
+        layers[0] = First()
+        try:
+            model(input_ids=c, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            layers[0] = keep
+        out.append(grabbed[0])
+    return out
+
+
+# --- the cached entry point ---------------------------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    """Per-layer Σ on disk (one safetensors per layer), loaded one layer at a time."""
+
+    folder: Path
+    n_layers: int
+    n_tokens: int
+    key: str
+
+    def sigma(self, layer: int) -> Tensor:
+        return load_file(str(self.folder / f"layer-{layer:05d}.safetensors"))["sigma"]
+
+
+def calibration_chunks(
+    source_dir: Union[str, Path],
+    calib_data: Union[str, Path, Sequence[str]],  # file, folder, dataset name, or the documents
+    calib_tokens: int,
+    seq_len: int = DEFAULT_SEQ_LEN,
+) -> list[Tensor]:
+    """Token chunks for calibration: documents from a path (or a list of strings), the source's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from ..train.data import DataSpec
+
+    docs = iter(calib_data) if isinstance(calib_data, (list, tuple)) else DataSpec(source=str(calib_data)).documents()
+    tokenizer = AutoTokenizer.from_pretrained(str(source_dir), trust_remote_code=False)
+    ids = tokenize_documents(tokenizer, docs, int(calib_tokens))
+    if ids.numel() == 0:
+        raise DataError(f"calibration data {calib_data} holds no text")
+    return chunk_tokens(ids, seq_len)
+
+
+def calibrate(
+    source_dir: Union[str, Path],
+    chunks: Sequence[Tensor],
+    cache_dir: Union[str, Path],
+    *,
+    hidden: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Calibration:
+    """Σ per layer for these token chunks, computed once and cached under cache_dir (reused after).
+
+    Raises:
+        DataError: fewer tokens than hidden+1 (Σ could not be full rank).
+    """
+    source_dir, cache_dir = Path(source_dir), Path(cache_dir)
+    config = json.loads((source_dir / "config.json").read_text())
+    n_layers = int(config.get("num_hidden_layers") or config["n_layer"])
+    hidden = hidden or int(config["hidden_size"])
+    n_tokens = int(sum(c.numel() for c in chunks))
+    check_enough_tokens(n_tokens, hidden)
+    key = cache_key(source_dir, chunks)
+    final = cache_dir / f"calib-{key}"
+    meta_path = final / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        return Calibration(final, meta["n_layers"], meta["n_tokens"], key)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".calib-{key}-", dir=cache_dir))
+    try:
+        layer_covariances(source_dir, chunks, dtype=dtype, out_dir=tmp)
+        meta = {"key": key, "n_layers": n_layers, "n_tokens": n_tokens, "seq_lens": sorted({c.shape[-1] for c in chunks})}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():  # a concurrent run finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Calibration(final, n_layers, n_tokens, key)

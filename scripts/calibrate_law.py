@@ -1,0 +1,283 @@
+"""Re-derive the shipped default coefficients (gqa_convert/law/coefficients.yaml).
+
+The paper (Chen et al. 2025) never published a_H, b_H, E. This script reconstructs them: a
+smooth law — ln A_H and b_H low-order polynomials of x = log2 n_h, y = log2 n_kv, plus a shared
+E — is calibrated so that
+  (1) the three-step recipe reproduces Table 4 (40 cells), and
+  (2) the Llama-3 head configuration (d/64, 8) reaches 2.615 / 2.448 / 2.362 at the 1B / 3B / 8B
+      shapes,
+by minimising a hinge loss on log Z margins (the paper's choice must beat every other candidate
+in its cell) plus a penalty on the reference losses, with Powell's method from seeded starts.
+
+Deterministic (fixed seeds, single thread); a few minutes on one core.
+
+    python scripts/calibrate_law.py                 # print the result
+    python scripts/calibrate_law.py -o gqa_convert/law/coefficients.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np
+from scipy.optimize import minimize
+
+from gqa_convert.law.cost import CostSettings
+from dataclasses import replace
+
+from gqa_convert.law.loss import LossLaw, candidates, save_law
+from gqa_convert.law.recipe import (
+    LLAMA3_REFERENCE, TABLE4, TABLE4_CONTEXTS, TABLE4_LOSSES, RecipeSettings, recipe_grid, table4_match,
+)
+from gqa_convert.law.shapes import ModelShape
+
+MONOMIALS_A = ["1", "x", "y", "xx", "xy", "yy", "xxx", "xxy", "xyy", "yyy"]
+MONOMIALS_B = ["1", "x", "y", "xx", "xy", "yy", "xxx", "xxy", "xyy", "yyy"]
+# Degree-2 start of --from-scratch (an earlier run of stage 1 from E=1.9, ln A=ln 0.7, b=0.3; 24/40 cells).
+INIT2 = {"E": 2.0106, "log_A": {"1": -0.35267, "x": -0.026032, "y": -0.0059834, "xx": 0.0022581, "xy": -0.0051822, "yy": 0.00051235},
+         "b": {"1": 0.21190, "x": -0.0040289, "y": 0.0068787, "xx": 0.00029847, "xy": -0.00066278, "yy": 0.0075361}}
+# Start of the default run: the result of --from-scratch stages 1-4 (28/40 cells under linear
+# interpolation), so that re-deriving the shipped file takes minutes, not half an hour.
+INIT = {"E": 2.0899481273104503,
+        "log_A": {"1": -0.3913368259, "x": -0.04867782908, "y": -0.001962070991, "xx": -0.001366034139, "xy": -0.002922171707,
+                  "yy": 0.002778366394, "xxx": 0.001086236385, "xxy": -0.001572657429, "xyy": 0.002384497544, "yyy": -0.003239561063},
+        "b": {"1": 0.24311112, "x": -0.02967205223, "y": 0.108430526, "xx": 0.0140612908, "xy": -0.004952666614,
+              "yy": -0.04525056622, "xxx": -0.001724023196, "xxy": -0.002229339724, "xyy": 0.009570786504, "yyy": 0.001245036379}}
+N0 = 1e9
+
+
+PROVENANCE = """Reconstructed, not published: Chen et al. (2025) never released a_H, b_H or E.
+Calibrated by scripts/calibrate_law.py {args} so that the paper's three-step recipe reproduces its
+Table 4 ({cells}/40 cells exactly) and the Llama-3 head configuration (d/64, 8) reaches the paper's
+reference losses at the Llama-3.2-1B, -3B and Llama-3.1-8B shapes (predicted: {refs}; paper:
+2.615, 2.448, 2.362). Form: ln A_H and b_H cubic polynomials of x = log2 n_h, y = log2 n_kv,
+A_H = (a_H / 1e9)^b_H; E shared. The paper's own fits covered 3M-1.2B parameters at 8K context
+(SlimPajama, GPT-2 tokenizer); anything beyond is extrapolation. Fit your own with
+`gqa-convert law fit RUNS -o law.yaml`.
+"""
+
+
+def llama_shapes() -> dict[str, ModelShape]:
+    return {k: ModelShape(L, d, d // 64, 8, 64, ff, 50304, tied=True) for k, ((L, d, ff), _) in LLAMA3_REFERENCE.items()}
+
+
+def unpack(theta: np.ndarray, settings: RecipeSettings, ma=MONOMIALS_A, mb=MONOMIALS_B) -> LossLaw:
+    E = theta[0]
+    log_A = dict(zip(ma, theta[1:1 + len(ma)]))
+    b = dict(zip(mb, theta[1 + len(ma):]))
+    return LossLaw(E=float(E), form="smooth", reference_params=N0, log_A=log_A, b=b,
+                   settings=settings.to_dict())
+
+
+# A finer grid than Table 4 on which the trends must hold (head counts never rise with T, never
+# fall as L* is lowered): violations are penalised so the calibrated law keeps them everywhere.
+TREND_LOSSES = list(np.round(np.arange(3.4, 2.259, -0.02), 4))
+TREND_CONTEXTS = [int(2048 * 2 ** (i / 2)) for i in range(19)]  # 2K ... 1M in steps of √2
+
+
+def trend_violations(law: LossLaw, settings: RecipeSettings) -> int:
+    g = recipe_grid(law, TREND_LOSSES, TREND_CONTEXTS, settings).choices()
+    bad = 0
+    for i in range(len(g)):
+        for j in range(len(g[i])):
+            if j and (g[i][j][0] > g[i][j - 1][0] or g[i][j][1] > g[i][j - 1][1]):
+                bad += 1
+            if i and (g[i][j][0] < g[i - 1][j][0] or g[i][j][1] < g[i - 1][j][1]):
+                bad += 1
+    return bad
+
+
+def _hinge(grid, target_idx, margin) -> float:
+    """Σ over cells and rival candidates of max(0, log Z_paper − log Z_rival + margin)."""
+    logz = np.log(grid.z)  # [8, 5, 21]
+    tz = np.take_along_axis(logz, target_idx[..., None], axis=-1)
+    hinge = np.maximum(0.0, tz - logz + margin)
+    hinge[np.arange(8)[:, None], np.arange(5)[None, :], target_idx] = 0.0
+    return float(hinge.sum()) if np.all(np.isfinite(hinge)) else 1e6
+
+
+def _ref_penalty(law, weight) -> float:
+    pen = 0.0
+    for key, shape in llama_shapes().items():
+        try:
+            pred = law.loss(shape.non_embedding_params, shape.n_heads, shape.n_kv)
+        except Exception:
+            return 1e6
+        pen += weight * (pred - LLAMA3_REFERENCE[key][1]) ** 2
+    return pen
+
+
+def objective(theta, settings, target_idx, margin=0.002, ref_weight=3e3, trend_weight=0.05):
+    try:
+        law = unpack(theta, settings)
+        if law.E >= 2.3 or law.E < 0.5:
+            return 1e6
+        grid = recipe_grid(law, TABLE4_LOSSES, TABLE4_CONTEXTS, settings)
+    except Exception:
+        return 1e6
+    if not np.all(np.isfinite(grid.z)):
+        return 1e6
+    pen = _hinge(grid, target_idx, margin) + _ref_penalty(law, ref_weight)
+    if trend_weight:
+        pen += trend_weight * trend_violations(law, settings)
+    return pen
+
+
+def evaluate(law: LossLaw, settings: RecipeSettings) -> tuple[int, dict]:
+    grid = recipe_grid(law, TABLE4_LOSSES, TABLE4_CONTEXTS, settings).choices()
+    refs = {k: law.loss(s.non_embedding_params, s.n_heads, s.n_kv) for k, s in llama_shapes().items()}
+    return table4_match(grid), refs
+
+
+def _targets(settings: RecipeSettings) -> np.ndarray:
+    index = {h: i for i, h in enumerate(candidates(settings.max_heads))}
+    return np.array([[index[c] for c in TABLE4[l]] for l in TABLE4_LOSSES])
+
+
+def _vector(init: dict, ma=MONOMIALS_A, mb=MONOMIALS_B) -> np.ndarray:
+    return np.r_[init["E"], [init["log_A"].get(m, 0.0) for m in ma], [init["b"].get(m, 0.0) for m in mb]]
+
+
+def refine(theta, settings, maxfev, margins=(0.004, 0.002, 0.001, 0.0005), trend_weight=0.05, log=print):
+    """Powell on the hinge objective, margins shrinking (stage 3/5)."""
+    for margin in margins:
+        res = minimize(objective, theta, args=(settings, _targets(settings), margin, 3e3, trend_weight), method="Powell",
+                       options={"maxfev": maxfev, "xtol": 1e-7, "ftol": 1e-10})
+        theta = res.x
+        law = unpack(theta, settings)
+        cells, refs = evaluate(law, settings)
+        log(f"  margin {margin}: objective {res.fun:.4f}, {cells}/40 cells, trend violations "
+            f"{trend_violations(law, settings)}, refs " + " ".join(f"{v:.3f}" for v in refs.values()))
+    return theta
+
+
+def free_stage(theta2, settings, maxfev, log=print):
+    """Stage 2: one free (ln A_H, b_H) per candidate and Llama-3 configuration, from the degree-2 law."""
+    law2 = unpack(theta2, settings, MONOMIALS_A[:6], MONOMIALS_B[:6])
+    heads = candidates(settings.max_heads) + [(48, 8), (64, 8)]
+    la = [law2.coefficients(*h)[1] * np.log(law2.coefficients(*h)[0] / N0) for h in heads]
+    bs = [law2.coefficients(*h)[1] for h in heads]
+    x = np.r_[law2.E, la, bs]
+    k = len(heads)
+
+    def law_of(th):
+        return LossLaw(E=float(th[0]), form="per_head",
+                       heads={h: (N0 * np.exp(th[1 + i] / th[1 + k + i]), th[1 + k + i]) for i, h in enumerate(heads)})
+
+    def obj(th, margin):
+        if np.any(th[1 + k:] <= 0.01) or not 0.5 < th[0] < 2.3:
+            return 1e6
+        law = law_of(th)
+        try:
+            grid = recipe_grid(law, TABLE4_LOSSES, TABLE4_CONTEXTS, settings, heads=candidates(settings.max_heads))
+        except Exception:
+            return 1e6
+        return _hinge(grid, _targets(settings), margin) + _ref_penalty(law, 3e3)
+
+    for margin in (0.004, 0.002, 0.001, 0.0005):
+        x = minimize(obj, x, args=(margin,), method="Powell", options={"maxfev": maxfev, "xtol": 1e-7, "ftol": 1e-10}).x
+        log(f"  free stage, margin {margin}: {table4_match(recipe_grid(law_of(x), TABLE4_LOSSES, TABLE4_CONTEXTS, settings, heads=candidates(settings.max_heads)).choices())}/40 cells")
+    return heads, x
+
+
+def project(heads, x) -> np.ndarray:
+    """Stage 3: least-squares projection of the free (ln A_H, b_H) onto the cubic basis, leaving out
+    configurations the free stage priced out of every cell (ln A_H > 1)."""
+    k = len(heads)
+    keep = [i for i in range(k) if x[1 + i] < 1.0]
+    X = np.log2([heads[i][0] for i in keep])
+    Y = np.log2([heads[i][1] for i in keep])
+    basis = lambda ms: np.stack([np.ones_like(X) if m == "1" else X ** m.count("x") * Y ** m.count("y") for m in ms], 1)
+    ca = np.linalg.lstsq(basis(MONOMIALS_A), x[1 + np.array(keep)], rcond=None)[0]
+    cb = np.linalg.lstsq(basis(MONOMIALS_B), x[1 + k + np.array(keep)], rcond=None)[0]
+    return np.r_[x[0], ca, cb]
+
+
+def score(theta, settings) -> tuple:
+    """Lexicographic: reference losses within 0.015, then fewest trend violations, most exact
+    cells, smallest hinge."""
+    try:
+        law = unpack(theta, settings)
+        grid = recipe_grid(law, TABLE4_LOSSES, TABLE4_CONTEXTS, settings)
+        cells, refs = evaluate(law, settings)
+        worst = max(abs(refs[k] - LLAMA3_REFERENCE[k][1]) for k in refs)
+        if worst > 0.015 or not np.all(np.isfinite(grid.z)):
+            return (False,)
+        return (True, -trend_violations(law, settings), cells, -_hinge(grid, _targets(settings), 0.001) - worst)
+    except Exception:
+        return (False,)
+
+
+def polish(theta, settings, iterations: int, seed: int, log=print):
+    """Stage 6: a (1+1) evolution strategy on the lexicographic score (the exact-cell count and the
+    trend count are step functions Powell cannot see). Seeded, fixed number of iterations."""
+    rng = np.random.default_rng(seed)
+    scale = np.r_[0.01, [0.01] * len(MONOMIALS_A), [0.003] * len(MONOMIALS_B)]
+    best, sigma = score(theta, settings), 1.0
+    for it in range(iterations):
+        trial = theta + rng.normal(0, 1, theta.shape) * scale * sigma * (rng.random(theta.shape) < 0.3)
+        s = score(trial, settings)
+        if s >= best:
+            if s > best:
+                log(f"  polish {it}: refs ok {s[0]}, trend violations {-s[1]}, cells {s[2]}/40")
+            theta, best, sigma = trial, s, sigma * 1.5
+        else:
+            sigma *= 0.95
+        sigma = min(max(sigma, 0.05), 5.0)
+    return theta
+
+
+def calibrate(settings: RecipeSettings, maxfev: int, from_scratch: bool, iterations: int = 4000, seed: int = 0,
+              log=print) -> LossLaw:
+    if from_scratch:
+        linear = replace(settings, interpolation="linear")
+        theta2 = _vector(INIT2, MONOMIALS_A[:6], MONOMIALS_B[:6])  # stage 1 (stored)
+        log("stage 2: free per-configuration calibration (linear interpolation)")
+        heads, x = free_stage(theta2, linear, 4 * maxfev, log)
+        log("stage 3: projection onto the cubic form; stage 4: refine (linear interpolation)")
+        theta = refine(project(heads, x), linear, maxfev, margins=(0.004, 0.002, 0.001), trend_weight=0.0, log=log)
+    else:
+        theta = _vector(INIT)
+    log(f"stage 5: refine under the chosen settings ({settings.interpolation}), trends penalised")
+    theta = refine(theta, settings, maxfev, margins=(0.002, 0.0005), log=log)
+    log("stage 6: polish (evolution strategy on exact cells and trends)")
+    theta = polish(theta, settings, iterations, seed, log)
+    return unpack(theta, settings)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-o", "--output", help="write the law file here")
+    p.add_argument("--maxfev", type=int, default=6000, help="Powell evaluations per margin")
+    p.add_argument("--iterations", type=int, default=4000, help="polish iterations (stage 6)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-scratch", action="store_true",
+                   help="also re-derive the start point (free per-configuration stage and projection; ~30 min)")
+    p.add_argument("--memory-unit", default="values", choices=["values", "bytes"])
+    p.add_argument("--compute", default="per_sequence", choices=["per_sequence", "per_token"])
+    p.add_argument("--embeddings", action="store_true")
+    p.add_argument("--interpolation", default="power", choices=["linear", "log", "power"])
+    args = p.parse_args(argv)
+    settings = RecipeSettings(interpolation=args.interpolation,
+                              cost=CostSettings(memory_unit=args.memory_unit, compute=args.compute, embeddings=args.embeddings))
+    t0 = time.time()
+    law = calibrate(settings, args.maxfev, args.from_scratch, args.iterations, args.seed)
+    cells, refs = evaluate(law, settings)
+    print(f"best: {cells}/40 cells, {trend_violations(law, settings)} trend violations, refs {refs}, {time.time() - t0:.0f}s")
+    law.fitted = {"params_min": 3e6, "params_max": 1.2e9, "max_heads": 32, "context": 8192}
+    law.provenance = PROVENANCE.format(
+        cells=cells, refs=", ".join(f"{k} {v:.3f}" for k, v in refs.items()), args=" ".join(sys.argv[1:]) or "(defaults)")
+    print(law.to_dict())
+    if args.output:
+        save_law(law, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

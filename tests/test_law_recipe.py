@@ -1,0 +1,112 @@
+"""The three-step recipe against the paper: Table 4, its trends, the Llama-3 reference losses,
+the predefined shapes of Tables 7 and 9; and `gqa-convert law optimize|table`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from gqa_convert.cli import main
+from gqa_convert.law.loss import candidates, load_law
+from gqa_convert.law.recipe import (
+    LLAMA3_REFERENCE, TABLE4, TABLE4_CONTEXTS, TABLE4_LOSSES, TABLE7, TABLE9, aspect_ratio, optimize,
+    params_of, solve_layers, table, table4_match,
+)
+from gqa_convert.law.shapes import ModelShape
+
+
+def test_candidates_are_the_papers_21():
+    c = candidates(32)
+    assert len(c) == 21 and (32, 32) in c and (1, 1) in c and all(k <= h for h, k in c)
+
+
+def test_shape_search_recovers_predefined_shapes():
+    """A multi-head model (n_h = d/64) with 12·L·d² parameters gets back exactly its table shape."""
+    for L, d in TABLE9 + TABLE7:
+        n = 12 * L * d * d
+        assert params_of(L, d, d // 64, d // 64) == n
+        assert float(aspect_ratio(n)) == pytest.approx(d / L)
+        layers = float(solve_layers(n, d // 64, d // 64, d / L))
+        assert layers == pytest.approx(L, rel=1e-9)
+
+
+def test_table4_reproduction():
+    grid = table()
+    matched = table4_match(grid)
+    print(f"\nTable 4 cells reproduced exactly by the shipped law: {matched}/40")
+    for i, l in enumerate(TABLE4_LOSSES):
+        print(f"  {l:<5}", "  ".join(f"{h:>2},{k:<2}{' ' if (h, k) == TABLE4[l][j] else '*'}" for j, (h, k) in enumerate(grid[i])))
+    assert matched >= 28
+    for i, l in enumerate(TABLE4_LOSSES):
+        for j, (h, k) in enumerate(grid[i]):
+            ph, pk = TABLE4[l][j]
+            assert abs(math.log2(h / ph)) <= 1 and abs(math.log2(k / pk)) <= 1, (l, TABLE4_CONTEXTS[j], (h, k), (ph, pk))
+
+
+def _monotone(grid) -> None:
+    for i in range(len(grid)):  # along T at fixed L*: never rise
+        for j in range(1, len(grid[i])):
+            assert grid[i][j][0] <= grid[i][j - 1][0] and grid[i][j][1] <= grid[i][j - 1][1], (i, j, grid[i])
+    for j in range(len(grid[0])):  # lowering L* (rows go down in loss): never fall
+        for i in range(1, len(grid)):
+            assert grid[i][j][0] >= grid[i - 1][j][0] and grid[i][j][1] >= grid[i - 1][j][1], (i, j)
+
+
+def test_trends_hold_on_any_grid():
+    _monotone(table())
+    losses = list(np.round(np.arange(3.3, 2.279, -0.025), 4))
+    contexts = [2048 * 2**i for i in range(9)] + [3000, 50000, 200000]
+    _monotone(table(losses=losses, contexts=sorted(contexts)))
+
+
+def test_llama3_reference_losses():
+    law = load_law()
+    for key, ((L, d, ff), ref) in LLAMA3_REFERENCE.items():
+        s = ModelShape(L, d, d // 64, 8, 64, ff, 50304)
+        pred = law.loss(s.non_embedding_params, s.n_heads, s.n_kv)
+        print(f"Llama-3 {key}: predicted {pred:.4f}, paper {ref}")
+        assert abs(pred - ref) <= 0.02
+
+
+def test_optimize_beats_llama3_heads_at_long_context():
+    opt = optimize(2.6, 131072)
+    assert opt.best.z == min(c.z for c in opt.candidates)
+    assert (int(opt.best.n_heads), opt.best.n_kv) in candidates(32)
+    assert opt.llama3 is not None and opt.memory_saved_pct > 30 and opt.flops_saved_pct > 30
+    law = load_law()
+    assert law.loss(opt.best.n_params, opt.best.n_heads, opt.best.n_kv) == pytest.approx(2.6)
+    assert law.loss(opt.llama3.n_params, opt.llama3.n_heads, 8) == pytest.approx(2.6)
+    assert opt.shape.hidden % 64 == 0 and abs(opt.shape_loss - 2.6) < 0.02
+
+
+def test_cli_optimize_and_table(capsys):
+    assert main(["law", "optimize", "--loss", "2.6", "--context", "128k", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("n_heads", "n_kv", "best", "shape", "llama3", "memory_saved_pct", "flops_saved_pct"):
+        assert key in out
+    assert main(["law", "optimize", "--loss", "2.6", "--context", "131072"]) == 0
+    text = capsys.readouterr().out
+    assert "Cost-optimal heads" in text and "Saved against Llama-3" in text
+    assert main(["law", "table"]) == 0
+    assert "cells equal the paper's Table 4" in capsys.readouterr().out
+    assert main(["law", "table", "--losses", "2.9,2.5", "--contexts", "8K", "16384", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["contexts"] == [8192, 16384] and len(out["grid"]) == 2
+
+
+@pytest.mark.parametrize("args,match", [
+    (["law", "optimize", "--loss", "2.6", "--context", "12x"], "--context"),
+    (["law", "optimize", "--loss", "2.6", "--context", "0"], "--context"),
+    (["law", "optimize", "--loss", "2.6", "--context=-8K"], "--context"),
+    (["law", "optimize", "--loss", "abc", "--context", "8K"], "--loss"),
+    (["law", "optimize", "--loss", "1.0", "--context", "8K"], "irreducible"),
+    (["law", "table", "--contexts", "8K", "nope"], "--contexts"),
+    (["law", "optimize", "--loss", "2.6", "--context", "8K", "--law", "/nonexistent/law.yaml"], "law file"),
+])
+def test_cli_bad_input_one_line(args, match, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gqa-convert: error:") and match in err and err.count("\n") == 1
