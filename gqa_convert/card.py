@@ -195,6 +195,8 @@ def _uptraining_rows(up: dict) -> list[tuple[str, str]]:
             continue
         if isinstance(v, dict):
             v = ", ".join(f"{a}={b}" for a, b in v.items() if not isinstance(b, (list, dict)))
+        elif isinstance(v, float):
+            v = f"{v:.4g}"
         elif isinstance(v, list):
             v = f"{len(v)} entries" if len(v) > 8 else ", ".join(map(str, v))
         rows.append((str(k), str(v).replace("|", "\\|")))
@@ -284,17 +286,38 @@ def render_card(model_dir: Path, *, base_model: Optional[str] = None, datasets: 
     return re.sub(r"\n{3,}", "\n\n", env.from_string(template).render(**ctx))
 
 
+UPTRAIN_FLAGS = ("data", "context", "tokens", "steps", "alpha", "lr", "batch_size", "grad_accum", "train",
+                 "train_start", "heldout_docs", "distill_from", "distill_weight", "lora", "seed")
+
+
+def _uptrain_command(up: dict, output: str) -> str:
+    """`gqa-convert uptrain ...` rebuilt from the recorded settings (budget from the config, not the result)."""
+    parts = ["gqa-convert uptrain", str(up.get("model", "MODEL"))]
+    budget = [k for k in ("steps", "tokens", "alpha") if up.get(k) is not None][:1]
+    for key in UPTRAIN_FLAGS:
+        value = up.get(key)
+        if value is None or value is False or (key in ("steps", "tokens", "alpha") and key not in budget):
+            continue
+        if key == "distill_weight" and not up.get("distill_from"):
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts + [f"--output {output}"])
+
+
 def _reproduce(ver: Optional[dict], record: dict, up: Optional[dict], model_dir: Path) -> str:
     """The commands that rebuild this folder, from the recorded steps."""
     lines = []
     src = record.get("source") or (ver or {}).get("source") or "SOURCE"
     if source_repo_id(src) is None:
         src = _local_name(src)
-    if record:
-        new = record.get("new", {})
-        lines.append(f"gqa-convert convert {src} --kv-heads {new.get('n_kv', 'N')} --method {record.get('method', 'mean')} -o {model_dir.name}")
-    if up and up.get("command"):
-        lines.append(str(up["command"]))
+    converted = (up or {}).get("model") or model_dir.name
+    new = record.get("new") or (ver or {}).get("heads", {}).get("converted") or {}
+    if record or ver:
+        method = record.get("method", "mean")
+        lines.append(f"gqa-convert convert {src} --kv-heads {new.get('n_kv', 'N')} --method {method} -o {converted}")
+    if up:
+        lines.append(up.get("command") or _uptrain_command(up, model_dir.name))
     if ver and ver.get("command"):
         lines.append(str(ver["command"]))
     return "\n".join(lines) or f"# no recorded steps in {model_dir.name}"

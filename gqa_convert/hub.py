@@ -18,6 +18,7 @@ import fnmatch
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -63,6 +64,7 @@ class PushResult:
     plan: UploadPlan
     commit_url: Optional[str] = None  # None for a dry run
     commit_oid: Optional[str] = None
+    refusal: Optional[str] = None  # dry run only: why a real push would be refused
 
 
 def plan_upload(folder: Path) -> UploadPlan:
@@ -113,6 +115,10 @@ def check_verification(folder: Path) -> dict:
     if report.get("passed") is not True:
         reasons = "; ".join(report.get("reasons") or []) or "no pass recorded"
         raise VerificationFailed(f"verification failed ({reasons}): uptrain further and re-verify, or push with --force")
+    from .verify import weights_digest
+
+    if report.get("weights_sha256") != weights_digest(folder):
+        raise VerificationFailed(f"the weights in {folder} changed since verification.json was written: {how}")
     return report
 
 
@@ -234,8 +240,14 @@ def push(
     if not REPO_ID.match(repo_id or ""):
         raise ConfigError(f"--repo must look like user/name or org/name, not {repo_id!r}")
     plan = plan_upload(folder)
+    refusal = None
     if not force:
-        check_verification(folder)
+        try:
+            check_verification(folder)
+        except VerificationFailed as err:
+            if not dry_run:
+                raise
+            refusal = str(err)  # a dry run still lists the files, then reports the refusal
     branch = revision or "main"
     if not dry_run and _card_needs_repo_id(folder):
         _complete_card(folder, repo_id)
@@ -250,7 +262,7 @@ def push(
                 plan.files.append(("README.md (to be generated)", len(text.encode())))
         else:
             validate_card(folder, remote=False)
-        return PushResult(repo_id, branch, plan)
+        return PushResult(repo_id, branch, plan, refusal=refusal)
     validate_card(folder, remote=False)
 
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
@@ -301,6 +313,9 @@ def _run_push(args: argparse.Namespace) -> int:
         print("warning: pushed with --force and no verification.json")
     if result.commit_url:
         print(f"commit: {result.commit_url}")
+    if result.refusal:
+        print(f"gqa-convert: error: a real push would be refused: {result.refusal}", file=sys.stderr)
+        return VerificationFailed.exit_code
     return 0
 
 

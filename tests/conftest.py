@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models: one thread is fastest, and CI machines are small and shared.
+torch.set_num_threads(1)
 
 # The loopback hub server (`hub`) and the verified stories260K folders shared by the publish tests.
 pytest_plugins = ["hubserver"]

@@ -59,6 +59,8 @@ def test_failed_verification_blocks_push_force_overrides(hub, stories_kv2):
         push(stories_kv2, "alice/kv2")
     assert "alice/kv2" not in hub.state.repos and hub.state.requests == []
     assert main(["push", str(stories_kv2), "--repo", "alice/kv2"]) == 1
+    assert main(["push", str(stories_kv2), "--repo", "alice/kv2", "--dry-run"]) == 1  # lists, then refuses
+    assert hub.state.requests == []
     push(stories_kv2, "alice/kv2", force=True)
     assert "model.safetensors" in hub.files("alice/kv2")
 
@@ -69,6 +71,16 @@ def test_missing_verification_blocks_push(hub, verified, capsys):
     err = capsys.readouterr().err
     assert err.startswith("gqa-convert: error:") and "gqa-convert verify" in err and len(err.splitlines()) == 1
     assert hub.state.requests == []
+
+
+def test_weights_changed_after_verification_blocks_push(hub, verified):
+    from safetensors.torch import save_file
+
+    tensors = load_file(verified / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1
+    save_file(tensors, verified / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(VerificationFailed, match="changed since verification"):
+        push(verified, "alice/changed")
 
 
 def test_pickle_and_training_state_never_uploaded(hub, verified):

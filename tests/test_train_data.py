@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +130,30 @@ def test_packed_batch_equals_documents_one_by_one(tiny):
     with torch.no_grad():
         leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits  # with cache
     assert not torch.allclose(leaky, packed, atol=1e-3)
+
+
+def test_document_indices_agree_with_evaluate(val_text):
+    """The held-out/training slices of uptrain and of gqa_convert.evaluate are the same documents."""
+    from gqa_convert.evaluate import HELDOUT, TRAINING, split_paragraphs
+
+    docs = split_paragraphs(val_text)
+    spec = DataSpec(str(val_text), heldout=HELDOUT.stop, train_start=TRAINING.start)
+    assert spec.heldout_documents() == docs[HELDOUT]
+    assert next(iter(spec.training_documents())) == docs[TRAINING][0]
+
+
+def test_hub_dataset_is_streamed_by_name(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return [{"content": "first doc"}, {"content": ""}, {"content": "second doc"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    spec = DataSpec("someone/corpus", text_field="content", split="train", config_name="en", heldout=1)
+    assert list(spec.training_documents()) == ["second doc"]
+    assert calls[0] == ("someone/corpus", "en", "train", True)
+    with pytest.raises(DataError, match="no 'text' field"):
+        list(DataSpec("someone/corpus").documents())

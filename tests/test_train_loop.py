@@ -80,13 +80,17 @@ def test_empty_and_unreadable_data(tiny, tmp_path):
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
-def test_budgets():
+def test_budgets(tmp_path):
     c = UptrainConfig(model="m", data="d", context=1000, output="o", tokens="50M", batch_size=5, grad_accum=2)
     assert resolve_steps(c, world=1) == 5000 and resolve_steps(c, world=2) == 2500
     c = UptrainConfig(model="m", data="d", context=1000, output="o", alpha=0.05, pretraining_tokens="2M", batch_size=1)
     assert resolve_steps(c, world=1) == 100
     c = UptrainConfig(model="meta-llama/Llama-2-7b-hf", data="d", context=4096, output="o", alpha=0.05, batch_size=8)
     assert resolve_steps(c, world=1) == int(0.05 * 2e12) // (4096 * 8)  # aliases.yaml: 2T pretraining tokens
+    # a converted folder names its source in gqa_convert.json (written by convert)
+    (tmp_path / "gqa_convert.json").write_text(json.dumps({"source": "llama-2-7b", "source_repo": "meta-llama/Llama-2-7b-hf"}))
+    c = UptrainConfig(model=str(tmp_path), data="d", context=4096, output="o", alpha=0.05, batch_size=8)
+    assert resolve_steps(c, world=1) == int(0.05 * 2e12) // (4096 * 8)
 
 
 def test_train_kv_changes_only_k_and_v(tiny, data, tmp_path):
@@ -134,3 +138,15 @@ def test_heldout_slice_is_saved_and_never_trained(tiny, data, tmp_path):
     meta = json.loads((out / "data.json").read_text())
     assert meta["heldout_docs"] == 5 and meta["train_start"] == 5
     assert list(DataSpec(str(data), heldout=5).training_documents())[0] == (DOCS * 4)[5]
+
+
+def test_output_folder_is_never_the_model_or_a_used_folder(tiny, data, tmp_path):
+    with pytest.raises(OutputError, match="model folder itself"):
+        uptrain(cfg(tiny, data, tiny))
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "something").write_text("x")
+    with pytest.raises(OutputError, match="--resume"):
+        uptrain(cfg(tiny, data, used))
+    with pytest.raises(OutputError, match="no checkpoint"):
+        uptrain(cfg(tiny, data, used, resume=True))

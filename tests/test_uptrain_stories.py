@@ -13,7 +13,7 @@ import json
 import pytest
 
 STEPS = 120
-SETTINGS = dict(context=256, steps=STEPS, batch_size=8, lr=1e-2, train="attention", distill_weight=1.0,
+SETTINGS = dict(context=256, steps=STEPS, batch_size=8, lr=5e-3, train="attention", distill_weight=1.0,
                 warmup=0.05, decay=0.5)
 
 

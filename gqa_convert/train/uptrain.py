@@ -30,7 +30,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, DataError, OutputError, SourceNotFoundError
+from ..errors import ConfigError, OutputError, SourceNotFoundError
 from .backend import choose_attention
 from .data import IGNORE, DataSpec, RowStream, collate, packed_forward, write_heldout
 from .schedule import wsd_factor
@@ -386,6 +386,7 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
     main = accelerator.is_main_process
+    accelerator.wait_for_everyone()  # every rank has validated the output folder before rank 0 writes to it
     if accelerator.num_processes != world:  # WORLD_SIZE unset under some launchers
         world = accelerator.num_processes
         total_steps = resolve_steps(cfg, world)
