@@ -141,10 +141,22 @@ def build_metadata(
             dataset_type=data.get("dataset_id") or "text", dataset_name=data.get("name") or "held-out text",
             dataset_split=data.get("selection"), verified=False,
         )  # fmt: skip
-        results.append(EvalResult(metric_type="loss", metric_name=f"loss at T={verification['context']}",
-                                  metric_value=round(float(loss["converted"]), 4), **common))
-        results.append(EvalResult(metric_type="perplexity", metric_name=f"perplexity at T={verification['context']}",
-                                  metric_value=round(float(loss["converted_perplexity"]), 4), **common))
+        results.append(
+            EvalResult(
+                metric_type="loss",
+                metric_name=f"loss at T={verification['context']}",
+                metric_value=round(float(loss["converted"]), 4),
+                **common,
+            )
+        )
+        results.append(
+            EvalResult(
+                metric_type="perplexity",
+                metric_name=f"perplexity at T={verification['context']}",
+                metric_value=round(float(loss["converted_perplexity"]), 4),
+                **common,
+            )
+        )
     data = ModelCardData(
         base_model=base_model,
         base_model_relation=BASE_MODEL_RELATION if base_model else None,
@@ -160,8 +172,18 @@ def build_metadata(
     return {k: v for k, v in meta.items() if v is not None}
 
 
-UPTRAIN_SKIP = {"output", "progress", "resume", "save_every", "losses", "history", "metrics", "log",
-                "gradient_checkpointing", "attn"}
+UPTRAIN_SKIP = {
+    "output",
+    "progress",
+    "resume",
+    "save_every",
+    "losses",
+    "history",
+    "metrics",
+    "log",
+    "gradient_checkpointing",
+    "attn",
+}
 
 
 def read_uptraining(model_dir: Path) -> Optional[dict]:
@@ -203,8 +225,14 @@ def _uptraining_rows(up: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def render_card(model_dir: Path, *, base_model: Optional[str] = None, datasets: Optional[list[str]] = None,
-                repo_id: Optional[str] = None, reproduce: Optional[str] = None) -> str:
+def render_card(
+    model_dir: Path,
+    *,
+    base_model: Optional[str] = None,
+    datasets: Optional[list[str]] = None,
+    repo_id: Optional[str] = None,
+    reproduce: Optional[str] = None,
+) -> str:
     """The card's text for `model_dir` (README.md content), from the template and the run's records."""
     import jinja2
 
@@ -218,15 +246,22 @@ def render_card(model_dir: Path, *, base_model: Optional[str] = None, datasets: 
 
     source_spec = (ver or {}).get("source") or record.get("source")
     source_path = (ver or {}).get("source_path") or record.get("source_path")  # only when a caller records one
-    base = base_model or (ver or {}).get("source_id") or source_repo_id(record.get("source_repo"), source_spec, source_path)
+    base = (
+        base_model
+        or (ver or {}).get("source_id")
+        or source_repo_id(record.get("source_repo"), source_spec, source_path)
+    )
     licence = (ver or {}).get("source_licence") or source_licence(Path(source_path) if source_path else None, base)
 
     from .law.shapes import shape_from_config
 
     new = shape_from_config(config)
     old_heads = (ver or {}).get("heads", {}).get("source") or record.get("old") or {}
-    old = {"n_heads": old_heads.get("n_heads", new.n_heads), "n_kv": old_heads.get("n_kv", new.n_kv),
-           "head_dim": old_heads.get("head_dim", new.head_dim)}
+    old = {
+        "n_heads": old_heads.get("n_heads", new.n_heads),
+        "n_kv": old_heads.get("n_kv", new.n_kv),
+        "head_dim": old_heads.get("head_dim", new.head_dim),
+    }
     src_params = (ver or {}).get("params", {}).get("source_non_embedding")
     if src_params is None and old_heads:
         src_params = new.with_heads(old["n_heads"], old["n_kv"]).non_embedding_params
@@ -235,15 +270,22 @@ def render_card(model_dir: Path, *, base_model: Optional[str] = None, datasets: 
         "old": old,
         "new": {"n_heads": new.n_heads, "n_kv": new.n_kv, "head_dim": new.head_dim},
         "params": {"source": f"{src_params:,}" if src_params else "n/a", "converted": f"{new.non_embedding_params:,}"},
-        "source_line": f"[{base}](https://huggingface.co/{base})" if base else f"`{_local_name(source_spec)}` (a local checkpoint)",
+        "source_line": f"[{base}](https://huggingface.co/{base})"
+        if base
+        else f"`{_local_name(source_spec)}` (a local checkpoint)",
         "method_line": f"{record.get('method', 'mean')} merge of contiguous KV-head groups",
         "repo_hint": repo_id or "REPO_ID",
         "verified": ver is not None,
         "passed": bool(ver and ver.get("passed")),
         "reasons": (ver or {}).get("reasons") or ([] if ver else ["no verification.json: run `gqa-convert verify`"]),
         "licence_line": licence.get("license_name") or licence.get("license", "unknown"),
-        "plots": sorted(p.relative_to(model_dir).as_posix() for p in list(model_dir.glob("*.png")) + list(model_dir.glob("plots/*.png"))),
-        "costs": None, "loss": None, "uptraining": None,
+        "plots": sorted(
+            p.relative_to(model_dir).as_posix()
+            for p in list(model_dir.glob("*.png")) + list(model_dir.glob("plots/*.png"))
+        ),
+        "costs": None,
+        "loss": None,
+        "uptraining": None,
     }
     if ver and ver.get("costs"):
         c = ver["costs"]
@@ -270,24 +312,52 @@ def render_card(model_dir: Path, *, base_model: Optional[str] = None, datasets: 
         }  # fmt: skip
     if up:
         tokens = up.get("tokens") or up.get("train_tokens") or 0
-        ctx["uptraining"] = {"tokens_human": _human_tokens(float(tokens)) if tokens else "its", "rows": _uptraining_rows(up)}
+        ctx["uptraining"] = {
+            "tokens_human": _human_tokens(float(tokens)) if tokens else "its",
+            "rows": _uptraining_rows(up),
+        }
     if not datasets:
         up_data = (up or {}).get("data")
-        datasets = [d for d in [(up or {}).get("dataset_id"), (ver or {}).get("data", {}).get("dataset_id"),
-                                up_data if isinstance(up_data, str) and REPO_ID.match(up_data) else None] if d]
-    metadata = build_metadata(ver, base_model=base, licence=licence, datasets=sorted(set(datasets)),
-                              model_name=ctx["title"])
+        datasets = [
+            d
+            for d in [
+                (up or {}).get("dataset_id"),
+                (ver or {}).get("data", {}).get("dataset_id"),
+                up_data if isinstance(up_data, str) and REPO_ID.match(up_data) else None,
+            ]
+            if d
+        ]
+    metadata = build_metadata(
+        ver, base_model=base, licence=licence, datasets=sorted(set(datasets)), model_name=ctx["title"]
+    )
     ctx["metadata_yaml"] = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True, width=100)
     ctx["reproduce"] = reproduce or _reproduce(ver, record, up, model_dir)
-    ctx["versions"] = ", ".join(f"{k} {v}" for k, v in ((ver or {}).get("versions") or {"gqa-convert": __version__}).items())
+    ctx["versions"] = ", ".join(
+        f"{k} {v}" for k, v in ((ver or {}).get("versions") or {"gqa-convert": __version__}).items()
+    )
 
     template = resources.files("gqa_convert").joinpath("templates", TEMPLATE).read_text()
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     return re.sub(r"\n{3,}", "\n\n", env.from_string(template).render(**ctx))
 
 
-UPTRAIN_FLAGS = ("data", "context", "tokens", "steps", "alpha", "lr", "batch_size", "grad_accum", "train",
-                 "train_start", "heldout_docs", "distill_from", "distill_weight", "lora", "seed")
+UPTRAIN_FLAGS = (
+    "data",
+    "context",
+    "tokens",
+    "steps",
+    "alpha",
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "train",
+    "train_start",
+    "heldout_docs",
+    "distill_from",
+    "distill_weight",
+    "lora",
+    "seed",
+)
 
 
 def _uptrain_command(up: dict, output: str) -> str:
@@ -331,11 +401,19 @@ def check_card_text(text: str) -> dict:
         card = ModelCard(text)
         return card.data.to_dict()
     except Exception as err:
-        raise ConfigError(f"model card metadata does not parse ({str(err).splitlines()[0]}); fix the template or inputs") from None
+        raise ConfigError(
+            f"model card metadata does not parse ({str(err).splitlines()[0]}); fix the template or inputs"
+        ) from None
 
 
-def write_model_card(model_dir: Path, *, base_model: Optional[str] = None, datasets: Optional[list[str]] = None,
-                     repo_id: Optional[str] = None, reproduce: Optional[str] = None) -> Path:
+def write_model_card(
+    model_dir: Path,
+    *,
+    base_model: Optional[str] = None,
+    datasets: Optional[list[str]] = None,
+    repo_id: Optional[str] = None,
+    reproduce: Optional[str] = None,
+) -> Path:
     """Render and write MODEL_DIR/README.md atomically (after checking its metadata parses); return its path."""
     model_dir = Path(model_dir)
     text = render_card(model_dir, base_model=base_model, datasets=datasets, repo_id=repo_id, reproduce=reproduce)

@@ -5,15 +5,20 @@ and hands out one tensor at a time; pickle `.bin` weights are refused unless exp
 (then read with torch.load(weights_only=True, mmap=True)). `ShardWriter` accumulates tensors up to
 a size cap, writes each shard straight from the tensors' memory (no serialisation copy), and at
 the end names shards the Hugging Face way and writes the index — like mergekit's tensor_writer.
+Tensors that are copied unchanged need not be loaded at all: `TensorReader.location` says where
+a tensor's bytes lie and `ShardWriter.add_raw` moves them file to file inside the kernel
+(os.copy_file_range), which is what keeps `convert` close to the speed of a plain file copy.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -50,6 +55,15 @@ def parse_size(size: Union[int, str]) -> int:
     if value <= 0:
         raise ConfigError(f"max shard size must be positive, got {size!r}")
     return value
+
+
+@dataclass(frozen=True)
+class TensorBytes:
+    """Where one tensor's raw bytes lie inside a safetensors file."""
+
+    path: Path
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
 
 
 def weight_files(folder: Path) -> list[str]:
@@ -141,6 +155,13 @@ class TensorReader:
         _, dtype, shape, _ = self._info[name]
         return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
+    def location(self, name: str) -> Optional[TensorBytes]:
+        """Where the tensor's bytes lie on disk, for a raw copy; None for pickle weights."""
+        f, _, _, start = self._info[name]
+        if self.pickle or start is None:
+            return None
+        return TensorBytes(self.folder / f, start, self.nbytes(name))
+
     def get(self, name: str) -> Tensor:
         """One tensor, as stored (dtype and bytes untouched), in its own memory."""
         f, dtype, shape, start = self._info[name]
@@ -208,6 +229,10 @@ def _safetensors_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, .
 # --- writing -----------------------------------------------------------------------------------
 
 
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
 def _header_bytes(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Optional[dict]) -> bytes:
     """The safetensors header (length prefix + JSON, padded to 8 bytes) for tensors in this order."""
     header: dict = {"__metadata__": metadata} if metadata else {}
@@ -227,6 +252,76 @@ def _write_data(fh, t: Tensor) -> None:
         fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
+def _write_all(fd: int, data) -> None:
+    """os.write until every byte is out (one write() moves at most ~2 GiB on Linux)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# Errors that mean "this way of copying is not available here", not "the copy failed":
+# cross-filesystem (EXDEV, kernels >= 5.19 and < 5.3), no syscall, a filesystem that does not
+# support it, or (macOS sendfile) a destination that is not a socket.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOTSOCK}
+BOUNCE_BYTES = 64 * 2**20  # the fallback's reused buffer: at most this, at most the largest raw copy
+
+
+class RangeCopier:
+    """Append byte ranges of source files to an output fd without loading them as tensors.
+
+    Tries os.copy_file_range (bytes stay in the kernel), then os.sendfile, then one reused
+    buffer; a way that turns out unavailable is not tried again. The output fd's own file
+    position is used and advanced, so it interleaves with plain os.write calls.
+    """
+
+    def __init__(self) -> None:
+        self.ways = [w for w in ("copy_file_range", "sendfile") if hasattr(os, w)] + ["buffer"]
+        self._fds: dict[Path, int] = {}
+        self._buf: Optional[bytearray] = None
+
+    @property
+    def buffer_bytes(self) -> int:
+        return len(self._buf) if self._buf is not None else 0
+
+    def copy(self, dst_fd: int, src: Path, offset: int, nbytes: int) -> None:
+        if src not in self._fds:
+            self._fds[src] = os.open(src, os.O_RDONLY)
+        fd, done = self._fds[src], 0
+        while done < nbytes:
+            way = self.ways[0]
+            try:
+                n = self._step(way, fd, dst_fd, offset + done, nbytes - done)
+            except OSError as err:
+                if way == "buffer" or err.errno not in _NO_KERNEL_COPY:
+                    raise
+                n = -1
+            if n > 0:
+                done += n
+                continue
+            if n == 0 and (way == "buffer" or os.fstat(fd).st_size < offset + nbytes):
+                raise CheckpointError(f"{src} ended early while copying a tensor; the file is truncated")
+            self.ways.pop(0)  # n == -1, or 0 from a filesystem that will not copy this way
+
+    def _step(self, way: str, src_fd: int, dst_fd: int, offset: int, count: int) -> int:
+        """Copy up to count bytes at offset; bytes moved (0 = nothing moved)."""
+        if way == "copy_file_range":
+            return os.copy_file_range(src_fd, dst_fd, count, offset)
+        if way == "sendfile":
+            return os.sendfile(dst_fd, src_fd, offset, count)
+        if self._buf is None or len(self._buf) < min(count, BOUNCE_BYTES):
+            self._buf = bytearray(min(count, BOUNCE_BYTES))
+        view = memoryview(self._buf)[: min(count, BOUNCE_BYTES)]
+        n = os.preadv(src_fd, [view], offset)
+        _write_all(dst_fd, view[:n])
+        return n
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._buf = None
+
+
 def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: Optional[dict] = None) -> None:
     """Write a .safetensors file straight from the tensors' memory (no serialisation copy)."""
     with open(path, "wb") as fh:
@@ -241,7 +336,8 @@ class ShardWriter:
     Without a plan, tensors accumulate up to max_shard_size and each full shard is flushed
     (memory: one shard). With a plan — every (name, dtype, shape) in the order they will be
     added — shard headers are known up front and each tensor is written to disk the moment it
-    arrives (memory: one tensor), which is how `convert` uses it.
+    arrives (memory: one tensor), which is how `convert` uses it. A planned writer also takes
+    tensors as byte ranges of source files (`add_raw`), copied without loading them.
     Single shard -> model.safetensors; several -> model-0000X-of-0000N.safetensors plus
     model.safetensors.index.json with metadata.total_size. Shards carry metadata {"format": "pt"}.
     """
@@ -260,6 +356,7 @@ class ShardWriter:
         self.total_size = 0
         self.max_pending = 0  # most tensor bytes held at once (for the peak-memory claim)
         self.plan = None
+        self.copier = RangeCopier()
         if plan is not None:
             self.plan = list(plan)
             self._groups = self._assign(self.plan)
@@ -293,27 +390,62 @@ class ShardWriter:
         self.total_size += n
         self.max_pending = max(self.max_pending, self.pending_bytes)
 
+    def add_raw(
+        self,
+        name: str,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        src_path: Union[str, Path],
+        offset: int,
+        nbytes: int,
+    ) -> None:
+        """Add a tensor as the nbytes at offset in src_path (a safetensors tensor's raw bytes),
+        copied file to file without loading it; planned writers only. Bytes are kept exactly."""
+        if self.plan is None:
+            raise CheckpointError(f"tensor {name}: raw copies need a write plan (ShardWriter(..., plan=...))")
+        want = _nbytes(dtype, shape)
+        if nbytes != want:
+            raise CheckpointError(f"tensor {name} {dtype} {tuple(shape)} is {want} bytes, not {nbytes}")
+        fd = self._open_planned(name, dtype, shape)
+        self.copier.copy(fd, Path(src_path), offset, nbytes)
+        self._done_planned(name)
+        self.total_size += nbytes
+        self.max_pending = max(self.max_pending, self.copier.buffer_bytes)
+
     def _add_planned(self, name: str, tensor: Tensor) -> None:
+        fd = self._open_planned(name, tensor.dtype, tuple(tensor.shape))
+        t = tensor.detach().cpu().contiguous()
+        if t.numel():
+            _write_all(fd, t.reshape(-1).view(torch.uint8).numpy())
+        self._done_planned(name)
+
+    def _open_planned(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+        """Check the tensor is the plan's next one; the fd of its shard (opened with its header)."""
         if self._next >= len(self.plan):
             raise CheckpointError(f"tensor {name} was not in the write plan")
         want = self.plan[self._next]
-        if (name, tensor.dtype, tuple(tensor.shape)) != want:
+        if (name, dtype, tuple(shape)) != want:
             raise CheckpointError(
-                f"tensor {name} {tensor.dtype} {tuple(tensor.shape)} arrived where the plan expected "
-                f"{want[0]} {want[1]} {want[2]}"
+                f"tensor {name} {dtype} {tuple(shape)} arrived where the plan expected {want[0]} {want[1]} {want[2]}"
             )
         if self._fh is None:  # first tensor of the next shard: open it and write its header
             k = len(self.shards)
-            self._fh = open(self._tmp_name(k), "wb")
-            self._fh.write(_header_bytes(self._groups[k], {"format": "pt"}))
+            self._fh = open(self._tmp_name(k), "wb", buffering=0)  # unbuffered: raw copies share the fd
+            header = _header_bytes(self._groups[k], {"format": "pt"})
+            _write_all(self._fh.fileno(), header)
+            self._end = len(header) + sum(_nbytes(d, s) for _, d, s in self._groups[k])  # checked at close
             self.shards.append([])
-        k = len(self.shards) - 1
-        _write_data(self._fh, tensor)
+        return self._fh.fileno()
+
+    def _done_planned(self, name: str) -> None:
         self.shards[-1].append(name)
         self._next += 1
-        if len(self.shards[-1]) == len(self._groups[k]):
+        if len(self.shards[-1]) == len(self._groups[len(self.shards) - 1]):
+            size = os.fstat(self._fh.fileno()).st_size
             self._fh.close()
             self._fh = None
+            if size != self._end:  # a header's offsets must match the data that follows it
+                raise CheckpointError(f"shard {len(self.shards)} is {size} bytes, its header says {self._end}")
 
     def flush(self) -> None:
         if self.plan is not None or not self.pending:
@@ -330,6 +462,7 @@ class ShardWriter:
         if self.plan is not None and self._fh is not None:
             self._fh.close()
             self._fh = None
+        self.copier.close()
 
     def finish(self) -> list[str]:
         """Flush, rename the shards and write the index; returns the weight file names."""
@@ -338,6 +471,7 @@ class ShardWriter:
             self.close()
             raise CheckpointError(f"only {self._next} of {len(self.plan)} planned tensors were written")
         n = len(self.shards)
+        self.copier.close()
         if n == 0:
             raise CheckpointError("no tensors were written")
         if n == 1:

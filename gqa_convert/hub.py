@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import (
-    AccessError, CheckpointError, ConfigError, GqaConvertError, HubError, SourceNotFoundError, VerificationFailed,
+    AccessError,
+    CheckpointError,
+    ConfigError,
+    GqaConvertError,
+    HubError,
+    SourceNotFoundError,
+    VerificationFailed,
 )  # fmt: skip
 
 # What a published model folder holds (matched against the path relative to the folder).
@@ -83,7 +89,9 @@ def plan_upload(folder: Path) -> UploadPlan:
             plan.skipped.append((rel, "pickle file: never published"))
         elif any(fnmatch.fnmatch(name, pat) for pat in TRAINING_STATE):
             plan.skipped.append((rel, "training state"))
-        elif any(fnmatch.fnmatch(rel, pat) for pat in UPLOAD_PATTERNS) and (len(parts) == 1 or rel.startswith("plots/")):
+        elif any(fnmatch.fnmatch(rel, pat) for pat in UPLOAD_PATTERNS) and (
+            len(parts) == 1 or rel.startswith("plots/")
+        ):
             size = path.stat().st_size
             if size > MAX_FILE_BYTES:
                 raise CheckpointError(
@@ -94,7 +102,9 @@ def plan_upload(folder: Path) -> UploadPlan:
             plan.skipped.append((rel, "not part of a published model"))
     names = {rel for rel, _ in plan.files}
     if "config.json" not in names:
-        raise CheckpointError(f"{folder} has no config.json: pass a converted model folder (gqa-convert convert ... -o DIR)")
+        raise CheckpointError(
+            f"{folder} has no config.json: pass a converted model folder (gqa-convert convert ... -o DIR)"
+        )
     if not any(rel.endswith(".safetensors") for rel in names):
         pickles = [rel for rel, why in plan.skipped if why.startswith("pickle")]
         hint = f" (it holds pickle weights {pickles[0]}, which are never published)" if pickles else ""
@@ -114,7 +124,9 @@ def check_verification(folder: Path) -> dict:
         raise VerificationFailed(f"{path} is not valid JSON ({err}): {how}") from None
     if report.get("passed") is not True:
         reasons = "; ".join(report.get("reasons") or []) or "no pass recorded"
-        raise VerificationFailed(f"verification failed ({reasons}): uptrain further and re-verify, or push with --force")
+        raise VerificationFailed(
+            f"verification failed ({reasons}): uptrain further and re-verify, or push with --force"
+        )
     from .verify import weights_digest
 
     if report.get("weights_sha256") != weights_digest(folder):
@@ -195,9 +207,13 @@ def hub_error(err: Exception, repo_id: str, action: str) -> GqaConvertError:
         return SourceNotFoundError(f"that revision does not exist in {repo_id}: check the branch, tag or commit")
     if isinstance(err, hf.HfHubHTTPError) and status is not None:
         if status in (401, 403):
-            return AccessError(f"the hub refused to {action} {repo_id} (HTTP {status}): use a token with write access to it; {login}")
+            return AccessError(
+                f"the hub refused to {action} {repo_id} (HTTP {status}): use a token with write access to it; {login}"
+            )
         if status >= 500:
-            return HubError(f"the hub failed to {action} {repo_id} (HTTP {status}); nothing was committed, re-run the command")
+            return HubError(
+                f"the hub failed to {action} {repo_id} (HTTP {status}); nothing was committed, re-run the command"
+            )
         return HubError(f"the hub refused to {action} {repo_id} (HTTP {status}: {str(err).splitlines()[0][:200]})")
     if isinstance(err, hf.OfflineModeIsEnabled):
         return HubError(f"cannot {action} {repo_id}: HF_HUB_OFFLINE is set; unset it to reach the hub")
@@ -269,7 +285,9 @@ def push(
 
     token = token or get_token()
     if not token:
-        raise AccessError(f"pushing to {repo_id} needs a hub token with write access: log in with `hf auth login` or set HF_TOKEN")
+        raise AccessError(
+            f"pushing to {repo_id} needs a hub token with write access: log in with `hf auth login` or set HF_TOKEN"
+        )
     api = HfApi(token=token)
     validate_card(folder, remote=True, token=token)
     try:
@@ -298,8 +316,14 @@ def _human(size: int) -> str:
 
 def _run_push(args: argparse.Namespace) -> int:
     result = push(
-        Path(args.dir), args.repo, private=args.private, revision=args.revision, dry_run=args.dry_run,
-        force=args.force, token=args.token, commit_message=args.message,
+        Path(args.dir),
+        args.repo,
+        private=args.private,
+        revision=args.revision,
+        dry_run=args.dry_run,
+        force=args.force,
+        token=args.token,
+        commit_message=args.message,
     )
     plan = result.plan
     width = max(len(rel) for rel, _ in plan.files)

@@ -131,7 +131,11 @@ class HubHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def error(self, status: int, code: str | None, message: str) -> None:
-        self.send(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message} if code else {"X-Error-Message": message})
+        self.send(
+            status,
+            {"error": message},
+            {"X-Error-Code": code, "X-Error-Message": message} if code else {"X-Error-Message": message},
+        )
 
     def repo_for(self, repo_id: str, write: bool = False) -> Repo | None:
         """The repo if this request may see it (and write to it); else answer the error."""
@@ -204,7 +208,13 @@ class HubHandler(BaseHTTPRequestHandler):
         private = bool(req.get("private")) or req.get("visibility") == "private"  # 1.x sent private, 2.x visibility
         repo = Repo(repo_id, self.user, private)
         self.state.repos[repo_id] = repo
-        self.state.commit(repo, "main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, [], "initial commit")
+        self.state.commit(
+            repo,
+            "main",
+            {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
+            [],
+            "initial commit",
+        )
         self.send(200, {"url": url, "name": repo_id, "id": repo_id})
 
     def validate_yaml(self) -> None:
@@ -238,11 +248,22 @@ class HubHandler(BaseHTTPRequestHandler):
         if sha is None:
             return self.error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         files = repo.commits[sha]
-        self.send(200, {
-            "id": repo_id, "modelId": repo_id, "author": repo.owner, "sha": sha, "private": repo.private,
-            "disabled": False, "gated": False, "tags": [], "downloads": 0, "likes": 0,
-            "siblings": [{"rfilename": p} for p in sorted(files)],
-        })
+        self.send(
+            200,
+            {
+                "id": repo_id,
+                "modelId": repo_id,
+                "author": repo.owner,
+                "sha": sha,
+                "private": repo.private,
+                "disabled": False,
+                "gated": False,
+                "tags": [],
+                "downloads": 0,
+                "likes": 0,
+                "siblings": [{"rfilename": p} for p in sorted(files)],
+            },
+        )
 
     def tree(self, repo_id: str, rev: str, prefix: str, query: dict) -> None:
         repo = self.repo_for(repo_id)
@@ -257,7 +278,7 @@ class HubHandler(BaseHTTPRequestHandler):
         for p, data in sorted(repo.commits[sha].items()):
             if prefix and not p.startswith(prefix + "/"):
                 continue
-            rel = p[len(prefix) + 1:] if prefix else p
+            rel = p[len(prefix) + 1 :] if prefix else p
             if "/" in rel and not recursive:
                 dirs.add((prefix + "/" if prefix else "") + rel.split("/")[0])
                 continue
@@ -306,8 +327,15 @@ class HubHandler(BaseHTTPRequestHandler):
                 return self.error(400, None, f"the test hub does not support '{key}' operations")
         sha = self.state.commit(repo, rev, files, deleted, summary)
         host = self.headers.get("Host")
-        self.send(200, {"commitUrl": f"http://{host}/{repo_id}/commit/{sha}", "commitOid": sha,
-                        "commitMessage": summary, "pullRequestUrl": None})
+        self.send(
+            200,
+            {
+                "commitUrl": f"http://{host}/{repo_id}/commit/{sha}",
+                "commitOid": sha,
+                "commitMessage": summary,
+                "pullRequestUrl": None,
+            },
+        )
 
     def create_branch(self, repo_id: str, branch: str) -> None:
         req = json.loads(self.body() or b"{}")
@@ -331,7 +359,11 @@ class HubHandler(BaseHTTPRequestHandler):
             return self.error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         data = repo.commits[sha].get(path)
         if data is None:
-            return self.error(404, "EntryNotFound", f"{path} does not exist on {rev}",)
+            return self.error(
+                404,
+                "EntryNotFound",
+                f"{path} does not exist on {rev}",
+            )
         etag = git_blob_sha(data)
         headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
         rng = self.headers.get("Range")
@@ -392,9 +424,15 @@ def point_hub_client(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path,
     from huggingface_hub import constants
 
     home.mkdir(parents=True, exist_ok=True)
-    env = {"HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-           "HF_HUB_DISABLE_XET": "1", "HF_TOKEN_PATH": str(home / "token")}
+    env = {
+        "HF_ENDPOINT": endpoint,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN_PATH": str(home / "token"),
+    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     if token is None:

@@ -35,8 +35,9 @@ def test_card_of_failed_conversion(stories_kv2):
 def test_card_base_model_licence_and_uptraining(stories_kv4_verified, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(stories_kv4_verified, folder)
-    (folder / "uptrain.json").write_text(json.dumps({"steps": 150, "tokens": 614400, "lr": 1e-3,
-                                                     "dataset_id": "roneneldan/TinyStories"}))
+    (folder / "uptrain.json").write_text(
+        json.dumps({"steps": 150, "tokens": 614400, "lr": 1e-3, "dataset_id": "roneneldan/TinyStories"})
+    )
     (folder / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     ver = json.loads((folder / "verification.json").read_text())
     ver.update(source_id=None, source_licence=None)

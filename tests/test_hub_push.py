@@ -7,16 +7,29 @@ import shutil
 
 import pytest
 import torch
+from hubserver import ALICE_TOKEN, BOB_TOKEN
 from huggingface_hub import ModelCard, snapshot_download
 from safetensors.torch import load_file
 
 from gqa_convert.cli import main
-from hubserver import ALICE_TOKEN, BOB_TOKEN
-from gqa_convert.errors import AccessError, CheckpointError, ConfigError, HubError, VerificationFailed
+from gqa_convert.errors import (
+    AccessError,
+    CheckpointError,
+    ConfigError,
+    HubError,
+    VerificationFailed,
+)
 from gqa_convert.hub import plan_upload, push
 
-MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-               "tokenizer_config.json", "README.md", "verification.json"}
+MODEL_FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "README.md",
+    "verification.json",
+}
 
 
 @pytest.fixture

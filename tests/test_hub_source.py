@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from hubserver import BOB_TOKEN
 from safetensors.torch import load_file
 
 from gqa_convert.cli import main
-from hubserver import BOB_TOKEN
 from gqa_convert.errors import AccessError, HubError, SourceNotFoundError
 from gqa_convert.source import resolve_source
 
@@ -19,8 +19,12 @@ def stories_repo(hub, stories_hf):
     """stories260K on the test hub as alice/stories260K, with files a conversion must not fetch."""
     hub.add_repo("alice/stories260K", stories_hf)
     repo = hub.state.repos["alice/stories260K"]
-    extra = {"pytorch_model.bin": b"not really pickle", "README.md": b"---\nlicense: mit\n---\n",
-             "optimizer.pt": b"state", "images/big.png": b"\x89PNG"}
+    extra = {
+        "pytorch_model.bin": b"not really pickle",
+        "README.md": b"---\nlicense: mit\n---\n",
+        "optimizer.pt": b"state",
+        "images/big.png": b"\x89PNG",
+    }
     hub.state.commit(repo, "main", extra, [], "extra files")
     return "alice/stories260K"
 

@@ -8,8 +8,10 @@ heads inside each group differ only by maps the merge may absorb must be reprodu
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
+from functools import lru_cache
 
 import pytest
 import torch
@@ -32,8 +34,24 @@ NORM_FAMILIES = ["qwen3", "olmo2"]  # k_norm: K is mean-pooled, V merged
 IDS = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-def _setup(family: str, **over):
-    model = tiny_model(family, dtype=torch.float64, **over)
+@lru_cache(maxsize=None)
+def _template(family: str, n_kv: int):
+    """One float64 model per (family, KV count), built once: constructing models dominates test time."""
+    if n_kv == 4:
+        return tiny_model(family, dtype=torch.float64)
+    base = _template(family, 4)
+    cfg = base.config.to_dict()
+    fam = get_family(cfg)
+    return model_from_config(type(base.config).from_dict(fam.updated_config(cfg, n_kv))).to(torch.float64)
+
+
+def _tol(family: str) -> float:
+    # OLMo-2's q/k norms span all heads and its RMSNorm computes in float32: float32 rounding there
+    return 1e-5 if family == "olmo2" else 1e-9
+
+
+def _setup(family: str):
+    model = copy.deepcopy(_template(family, 4))
     cfg = model.config.to_dict()
     fam = get_family(cfg)
     shape = head_shape(fam, cfg)
@@ -48,8 +66,7 @@ def _logits(model) -> torch.Tensor:
 
 def _with_blocks(model, cfg: dict, fam, blocks: dict, shape):
     """A model of shape `shape` (KV count may differ) with the layers' attention from `blocks`."""
-    config = type(model.config).from_dict(fam.updated_config(cfg, shape.n_kv))
-    out = model_from_config(config).to(torch.float64)
+    out = copy.deepcopy(_template(fam.name, shape.n_kv))
     sd = dict(model.state_dict())
     for i, block in blocks.items():
         for name in fam.layer_tensor_names(i).values():
@@ -102,7 +119,7 @@ def test_change_of_basis_preserves_logits(family):
         blocks[i] = transformed_block(block, shape, maps, scalars, planes)
         assert not torch.equal(blocks[i].v_w, block.v_w)
     ref, out = _logits(model), _logits(_with_blocks(model, cfg, fam, blocks, shape))
-    assert (out - ref).abs().max() < 1e-9 * max(1.0, ref.abs().max())
+    assert (out - ref).abs().max() < _tol(family) * max(1.0, ref.abs().max())
 
 
 @pytest.mark.parametrize("family", NORM_FAMILIES)
@@ -137,11 +154,13 @@ def test_alignment_alone_preserves_logits_and_align_is_mean_of_aligned(family):
             a, b = getattr(pooled, role), getattr(merged[i], role)
             assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6)), role  # mean_pool averages in float32
     ref = _logits(model)
-    assert (_logits(_with_blocks(model, cfg, fam, aligned, shape)) - ref).abs().max() < 1e-9 * max(1.0, ref.abs().max())
+    assert (_logits(_with_blocks(model, cfg, fam, aligned, shape)) - ref).abs().max() < _tol(family) * max(1.0, ref.abs().max())
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
-@pytest.mark.parametrize("method", ["align", "optimal"])
+ABSORB_CASES = [("optimal", f) for f in FAMILY_NAMES] + [("align", f) for f in ("llama", "qwen2", "qwen3", "phi3", "falcon")]
+
+
+@pytest.mark.parametrize("method,family", ABSORB_CASES)
 def test_absorption_is_exact(family, method):
     """The merged model (fewer KV heads, maps absorbed in q/o) == the un-merged approximation."""
     fn = {"align": align_factors, "optimal": optimal_factors}[method]
@@ -162,9 +181,7 @@ def test_absorption_is_exact(family, method):
             merged[i] = merged_block(block, shape, new_kv, groups, planes, do_k=do_k)
         a = _logits(_with_blocks(model, cfg, fam, expanded, shape))
         b = _logits(_with_blocks(model, cfg, fam, merged, new_shape(shape, new_kv)))
-        # OLMo-2's k_norm spans all heads and RMSNorm upcasts to float32: float32 rounding there
-        tol = 1e-5 if family == "olmo2" else 1e-9
-        assert (a - b).abs().max() < tol * max(1.0, a.abs().max()), new_kv
+        assert (a - b).abs().max() < _tol(family) * max(1.0, a.abs().max()), new_kv
         assert (a - _logits(model)).abs().max() > 1e-6  # a real merge happened
 
 
@@ -212,7 +229,7 @@ def test_optimal_recovers_heads_related_by_absorbable_maps(family):
                 groups = _group_factors(fn, block, shape, 2, _sigma(shape.hidden, i), planes)
                 blocks[i] = merged_block(block, shape, 2, groups, planes, do_k=k_side_blocker(block) is None)
         out[name] = (_logits(_with_blocks(model, cfg, fam, blocks, new_shape(shape, 2))) - ref).abs().max()
-    assert out["optimal"] < 1e-7 * max(1.0, ref.abs().max()), out
+    assert out["optimal"] < 100 * _tol(family) * max(1.0, ref.abs().max()), out
     assert out["mean"] > 1e-3, out
 
 

@@ -64,8 +64,21 @@ def test_identity_conversion_passes(stories_kv4_verified):
 def test_cli_exit_codes_and_table(stories_hf, stories_kv2, val_text, law_file, capsys, tmp_path):
     folder = tmp_path / "kv2"
     shutil.copytree(stories_kv2, folder)  # the shared fixture stays as verified
-    base = ["verify", str(folder), "--source", str(stories_hf), "--data", str(val_text),
-            "--context", "256", "--law", str(law_file), "--documents", "8", "--no-card"]
+    base = [
+        "verify",
+        str(folder),
+        "--source",
+        str(stories_hf),
+        "--data",
+        str(val_text),
+        "--context",
+        "256",
+        "--law",
+        str(law_file),
+        "--documents",
+        "8",
+        "--no-card",
+    ]
     assert main(base) == 1
     out, err = capsys.readouterr()
     assert "FAILED" in out and "KV-cache bytes" in out and "verification failed" in err
