@@ -29,12 +29,14 @@ import torch
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
-def qwen05_config(vocab: int, max_pos: int):
+def qwen05_config(vocab: int, max_pos: int, **shape):
     from transformers import Qwen2Config
 
-    return Qwen2Config(vocab_size=vocab, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=max_pos,
-                       rope_theta=1_000_000.0, tie_word_embeddings=True, bos_token_id=None, eos_token_id=2)
+    dims = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2)
+    dims.update(shape)
+    return Qwen2Config(vocab_size=vocab, max_position_embeddings=max_pos, rope_theta=1_000_000.0,
+                       tie_word_embeddings=True, bos_token_id=None, eos_token_id=2, **dims)
 
 
 def model_flops_per_token(cfg, context: int) -> float:
@@ -55,8 +57,10 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense BF16 TFLOP/s of the GPU")
     p.add_argument("--json", type=Path)
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="exercise this script on CPU with a tiny model of the same family (no numbers worth keeping)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.cpu_smoke:
         print("gpu_uptrain: no CUDA device; skipped")
         return 0
     from transformers import Qwen2ForCausalLM
@@ -64,14 +68,16 @@ def main(argv=None) -> int:
     from gqa_convert.train.tiny import make_tokenizer
     from gqa_convert.train.uptrain import UptrainConfig, uptrain
 
-    name = torch.cuda.get_device_name(0)
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     work = Path(tempfile.mkdtemp(prefix="gpu-uptrain-"))
     try:
         rng = random.Random(0)
         words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "far", "away", "from", "home", "to", "see"]
         tok = make_tokenizer([" ".join(words)] * 10, vocab_size=300)
-        cfg = qwen05_config(args.vocab, max(args.context, 32768))
+        tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+        cfg = qwen05_config(512 if args.cpu_smoke else args.vocab, max(args.context, 32768),
+                            **(tiny if args.cpu_smoke else {}))
         cfg.eos_token_id = tok.eos_token_id
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
@@ -96,7 +102,7 @@ def main(argv=None) -> int:
                "params": n_params, "steps": args.steps, "tokens_per_s": round(tok_s, 1),
                "model_tflops_per_s": round(tok_s * flops_tok / 1e12, 2),
                "mfu": round(tok_s * flops_tok / (peak * 1e12), 4) if peak else None,
-               "peak_bf16_tflops": peak, "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               "peak_bf16_tflops": peak, "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
                "wall_s": round(wall, 1)}
         print(json.dumps(res, indent=1))
         if args.json:

@@ -110,7 +110,7 @@ def run_trainer(model_dir: Path, text: Path, out: Path, args, mode: str) -> dict
         warmup_steps=0, logging_strategy="no", save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, disable_tqdm=True, seed=0, bf16=torch.cuda.is_available(),
     )
-    Trainer(model=model, args=targs, train_dataset=Data()).train()
+    Trainer(model=model, args=targs, train_dataset=Data(), callbacks=[Clock()]).train()
     real_per_step = real / args.steps
     timed = times[args.warmup - 1 :]
     seconds = timed[-1] - timed[0]

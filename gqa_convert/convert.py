@@ -2,7 +2,8 @@
 
     source folder --TensorReader--> one layer's attention tensors --split--> AttentionBlock
         --method (mean pool, ...)--> AttentionBlock(new_kv) --join--> ShardWriter --> temp folder
-    every other tensor is copied unchanged; then config.json (KV field only), tokenizer,
+    every other tensor is copied unchanged, file to file (os.copy_file_range: never loaded, the
+    bytes kept exactly); then config.json (KV field only), tokenizer,
     generation config, licence and gqa_convert.json; the temp folder is renamed into place last.
 
 Everything that can be checked is checked before the first byte is written: the family, the
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from . import __version__
 from .architectures import Family, get_family, head_shape, new_shape
-from .checkpoint import SAFE_INDEX, ShardWriter, TensorReader, parse_size
+from .checkpoint import SAFE_INDEX, ShardWriter, TensorBytes, TensorReader, parse_size
 from .errors import CheckpointError, ConfigError, InvalidHeadCountError, OutputError
 from .regroup import METHODS, HeadShape, LayerMethod, valid_kv_counts
 from .source import aliases, cache_dir, load_config, resolve_source
@@ -243,12 +244,21 @@ def _walk(
     new: HeadShape,
     get: Callable[[str], Tensor],
     method: LayerMethod,
-) -> Iterator[tuple[str, Tensor, Optional[Tensor]]]:
+) -> Iterator[tuple[str, Union[Tensor, TensorBytes], Optional[Tensor]]]:
     """(name, tensor to write, tensor as read) in write order: the source's tensor order, with a
-    layer's attention tensors regrouped together where its first one appears."""
+    layer's attention tensors regrouped together where its first one appears. A tensor the
+    conversion leaves alone comes as its location on disk (TensorBytes) when the source is
+    safetensors: one outside the attention blocks is never read; an attention tensor the method
+    hands back untouched (the very tensor read, never modified in place — e.g. q/o under mean
+    pooling) is read for the method but copied from the file rather than written from memory;
+    so `get` must return tensors exactly as stored (reader.get)."""
     done: set[int] = set()
     for name in reader.names():
         if name not in layers:
+            where = reader.location(name)
+            if where is not None:
+                yield name, where, None
+                continue
             t = get(name)
             yield name, t, t
             del t  # do not hold it while the next one is read
@@ -258,11 +268,16 @@ def _walk(
             continue
         done.add(i)
         tensors = {n: get(n) for n, j in layers.items() if j == i}
+        versions = {n: t._version for n, t in tensors.items()}  # bumped by any in-place change
         out = family.join(i, method(i, family.split(i, tensors, old), old, new.n_kv), new)
         if set(out) != set(tensors):
             raise CheckpointError(f"layer {i}: regrouping returned tensors {sorted(out)}, expected {sorted(tensors)}")
         for n in tensors:  # the source's order, which the write plan follows
-            yield n, out[n], tensors[n]
+            where = reader.location(n)
+            if where is not None and out[n] is tensors[n] and tensors[n]._version == versions[n]:
+                yield n, where, None
+            else:
+                yield n, out[n], tensors[n]
 
 
 def _plan(
@@ -301,6 +316,8 @@ def _write_weights(
 
     The output layout is planned first from shapes alone (meta tensors through mean pooling), so
     each tensor goes to disk as soon as it is ready: memory holds one layer's attention tensors.
+    Tensors outside the attention blocks are byte ranges copied straight from the source files
+    (safetensors), so their bytes never pass through Python (issue 2: near the speed of a copy).
     """
     from tqdm.auto import tqdm
 
@@ -310,6 +327,11 @@ def _write_weights(
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress, file=sys.stderr) as bar:
             for name, t, before in _walk(reader, family, layers, old, new, reader.get, fn):
+                if isinstance(t, TensorBytes):  # unchanged: copied file to file
+                    writer.add_raw(name, *reader.dtype_shape(name), t.path, t.offset, t.nbytes)
+                    result.tensors_copied += 1
+                    bar.update(t.nbytes)
+                    continue
                 writer.add(name, t.contiguous())
                 if t is before or _same(t, before):
                     result.tensors_copied += 1

@@ -7,8 +7,10 @@ For a source model and an expected context T, every reachable head configuration
   it) and the savings against the source.
 
 Recommendation rule: among the paper's options (query heads kept, KV heads a divisor of the
-source's), the lowest Z whose predicted loss increase is at most `max_loss_increase`; the source
-itself (delta 0) is always allowed, so there is always a recommendation. Query-head reductions
+source's), the lowest Z whose predicted loss increase is at least 0 and at most
+`max_loss_increase`; the source itself (delta 0) is always allowed, so there is always a
+recommendation. A negative delta (fewer heads predicted to LOWER the loss) means the law is outside
+its reliable range there; such options are flagged, never recommended. Query-head reductions
 are listed, marked as outside the paper (neither paper has a recipe for them), never recommended.
 """
 
@@ -30,7 +32,7 @@ from .law.shapes import ModelShape, load_shape
 from .regroup import valid_kv_counts
 from .units import parse_count
 
-DEFAULT_MAX_LOSS_INCREASE = 0.02  # nats; about the size of the gap between Llama-3 1B and 3B / 10
+DEFAULT_MAX_LOSS_INCREASE = 0.05  # nats: half a row of Table 4 (its rows are 0.1 apart)
 COMMON_PARALLEL_DEGREE = 8  # tensor-parallel degree of one 8-GPU node
 
 
@@ -122,6 +124,9 @@ def plan_conversion(config: Union[Mapping[str, Any], ModelShape], context: int, 
         delta = None
         if src_loss is not None and law.has(q, k):
             delta = law.loss(new.non_embedding_params, q, k) - src_loss
+            if delta < 0:
+                notes.append("the law predicts a LOWER loss with fewer heads here: outside its reliable range "
+                             "(the reconstructed coefficients invert below ~5e8 parameters); not recommended")
         else:
             notes.append("the law has no coefficients for this configuration")
         if k < min(COMMON_PARALLEL_DEGREE, shape.n_kv):
@@ -137,13 +142,16 @@ def plan_conversion(config: Union[Mapping[str, Any], ModelShape], context: int, 
             z_saved_pct=_pct(rep.z, src_cost.z), max_parallel_degree=k, notes=notes,
         ))
     allowed = [o for o in options if not o.outside_paper and (o.is_source or (
-        o.predicted_loss_delta is not None and o.predicted_loss_delta <= max_loss_increase))]
+        o.predicted_loss_delta is not None and 0 <= o.predicted_loss_delta <= max_loss_increase))]
     rec = min(allowed, key=lambda o: (o.z, -o.kv_heads))
     warnings = []
     if rec.kv_heads < min(COMMON_PARALLEL_DEGREE, shape.n_kv):
         warnings.append(f"recommended {rec.kv_heads} KV head{'s cap' if rec.kv_heads > 1 else ' caps'} tensor-parallel and Ulysses sequence-parallel degree at {rec.kv_heads}")
     n = shape.non_embedding_params
     warnings += law.extrapolation_notes(n, shape.n_heads, shape.n_kv, context)
+    if any(o.predicted_loss_delta is not None and o.predicted_loss_delta < 0 for o in options if not o.is_source):
+        warnings.append(f"the law predicts lower loss with fewer heads at N={n:,}: below ~5e8 parameters the shipped "
+                        "(reconstructed) coefficients are unreliable; fit your own (`gqa-convert law fit`) or treat deltas as unknown")
     if src_loss is None:
         warnings.append(f"the law has no coefficients for the source heads ({shape.n_heads},{shape.n_kv}); no loss deltas")
     warnings.append("predicted deltas assume uptraining after conversion (law.md: the law read as a delta)")

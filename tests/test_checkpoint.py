@@ -143,3 +143,126 @@ def test_untouched_tensors_are_byte_identical_and_pooling_is_float32_mean(tmp_pa
     sizes = sum(after.nbytes(n) for n in after.names())
     assert index["metadata"]["total_size"] == sizes == res.bytes_written
     assert logits(res.output, IDS_DEFAULT).isfinite().all()
+
+
+# --- raw copies (issue 2: unchanged tensors go file to file, never loaded) ---------------------
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def raw_source(tmp_path):
+    """A safetensors file written by the safetensors library, and its tensors."""
+    tensors = sample_tensors()
+    tensors["h.noncontig"] = tensors["h.noncontig"].contiguous()
+    tensors["big"] = torch.randn(300, 70, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    (tmp_path / "src").mkdir()
+    save_file(tensors, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    return TensorReader(tmp_path / "src"), tensors
+
+
+def copy_raw(reader, folder, max_shard_size=2000, ways=None):
+    plan = [(n, *reader.dtype_shape(n)) for n in reader.names()]
+    folder.mkdir()
+    w = ShardWriter(folder, max_shard_size, plan=plan)
+    if ways is not None:
+        w.copier.ways = list(ways)
+    for n in reader.names():
+        loc = reader.location(n)
+        w.add_raw(n, *reader.dtype_shape(n), loc.path, loc.offset, loc.nbytes)
+    return w, w.finish()
+
+
+@pytest.mark.parametrize("ways", [None, ["sendfile", "buffer"], ["buffer"]])
+def test_raw_copies_keep_every_byte(tmp_path, ways, monkeypatch):
+    """Each copy route (copy_file_range, sendfile, the bounce buffer in 64-byte chunks) gives
+    shards the safetensors library reads back to the very bytes it wrote."""
+    monkeypatch.setattr("gqa_convert.checkpoint.BOUNCE_BYTES", 64)
+    reader, tensors = raw_source(tmp_path)
+    data = (tmp_path / "src" / "model.safetensors").read_bytes()
+    for n in reader.names():  # the location is where the library put the bytes
+        loc = reader.location(n)
+        assert data[loc.offset : loc.offset + loc.nbytes] == as_bytes(tensors[n]).numpy().tobytes()
+    w, files = copy_raw(reader, tmp_path / "out", ways=ways)
+    assert len(files) > 2 and w.total_size == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert w.max_pending <= 64  # nothing loaded; at most the bounce buffer
+    back = TensorReader(tmp_path / "out")
+    for k, t in tensors.items():
+        got = load_file(tmp_path / "out" / back.file_of(k))[k]
+        assert got.dtype == t.dtype and got.shape == t.shape and as_bytes(got).equal(as_bytes(t)), k
+
+
+def test_raw_copy_falls_back_when_the_kernel_refuses(tmp_path, monkeypatch):
+    """copy_file_range across filesystems fails with EXDEV on kernels >= 5.19: fall back, once."""
+    import errno
+    import os
+
+    calls = []
+
+    def exdev(*args, **kwargs):
+        calls.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", exdev, raising=False)
+    reader, tensors = raw_source(tmp_path)
+    w, _ = copy_raw(reader, tmp_path / "out", ways=["copy_file_range", "buffer"])
+    assert len(calls) == 1 and w.copier.ways == ["buffer"]
+    back = TensorReader(tmp_path / "out")
+    assert all(as_bytes(back.get(k)).equal(as_bytes(t)) for k, t in tensors.items())
+
+
+def test_raw_copy_refuses_bad_input(tmp_path):
+    reader, _ = raw_source(tmp_path)
+    loc = reader.location("big")
+    with pytest.raises(CheckpointError, match="raw copies need a write plan"):
+        ShardWriter(tmp_path / "a").add_raw("big", torch.bfloat16, (300, 70), loc.path, loc.offset, loc.nbytes)
+    w = ShardWriter(tmp_path / "src", plan=[("big", torch.bfloat16, (300, 70))])
+    with pytest.raises(CheckpointError, match="is 42000 bytes, not 41998"):
+        w.add_raw("big", torch.bfloat16, (300, 70), loc.path, loc.offset, loc.nbytes - 2)
+    w.close()
+    (tmp_path / "short").write_bytes(b"x" * 100)  # a source that ends early
+    for ways in (None, ["buffer"]):
+        (tmp_path / "o").mkdir(exist_ok=True)
+        w = ShardWriter(tmp_path / "o", plan=[("big", torch.bfloat16, (300, 70))])
+        if ways:
+            w.copier.ways = ways
+        with pytest.raises(CheckpointError, match="short ended early"):
+            w.add_raw("big", torch.bfloat16, (300, 70), tmp_path / "short", 8, 42000)
+        w.close()
+
+
+def test_convert_loads_only_attention_tensors(tmp_path, monkeypatch):
+    """From safetensors, convert reads only the attention tensors; all else is copied raw."""
+    model = tiny_model("llama", n_kv=4)
+    src = save_tiny(model, tmp_path / "src")
+    loaded = []
+    get = TensorReader.get
+    monkeypatch.setattr(TensorReader, "get", lambda self, name: loaded.append(name) or get(self, name))
+    res = convert_checkpoint(src, tmp_path / "out", 2, progress=False)
+    assert loaded and all(".self_attn." in n for n in loaded)
+    assert res.tensors_copied + res.tensors_changed == len(TensorReader(src).names())
+    assert res.tensors_changed == 2 * 2 * 2  # k/v weight + bias, 2 layers
+
+
+def test_attention_tensor_changed_in_place_is_written_from_memory(tmp_path):
+    """q/o handed back untouched are copied from the file; a method that edits q in place and
+    returns the same tensor must still get its edit written (the version counter tells)."""
+    from dataclasses import replace
+
+    from gqa_convert.regroup import mean_pool
+
+    model = tiny_model("llama", n_kv=4)
+    src = save_tiny(model, tmp_path / "src")
+
+    def scale_q_in_place(layer, block, shape, new_kv):
+        block.q_w.mul_(2)
+        return replace(mean_pool(layer, block, shape, new_kv), q_w=block.q_w)
+
+    convert_checkpoint(src, tmp_path / "out", 2, method=scale_q_in_place, progress=False)
+    before, after = TensorReader(src), TensorReader(tmp_path / "out")
+    for name in before.names():
+        if name.endswith("q_proj.weight"):
+            assert torch.equal(after.get(name), before.get(name) * 2), name
+        elif ".k_proj." not in name and ".v_proj." not in name:
+            assert as_bytes(after.get(name)).equal(as_bytes(before.get(name))), name

@@ -189,7 +189,7 @@ def _decode_flops(model, cfg, T: int) -> int:
         cache.update(k, torch.randn_like(k), layer)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(torch.tensor([[5]]), past_key_values=cache, position_ids=torch.tensor([[T]]), use_cache=True)
+        model(torch.tensor([[5]]), cache=cache, position_ids=torch.tensor([[T]]), use_cache=True)
     return counter.get_total_flops()
 
 

@@ -40,7 +40,7 @@ def test_demo_recipe_end_to_end(hub, tmp_path, capsys, monkeypatch):  # noqa: F8
     args = ["run", str(RECIPE), *_overrides(run_dir), "push.repo=alice/stories260K-gqa2"]
 
     # 1. Killed (SIGKILL) in the middle of uptraining.
-    env = {**os.environ, "GQA_CONVERT_KILL_AFTER_STEP": "60", "GQA_CONVERT_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "GQA_CONVERT_KILL_AFTER_STEP": "50", "GQA_CONVERT_CACHE": str(tmp_path / "cache")}
     killed = subprocess.run([sys.executable, "-m", "gqa_convert", *args], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=900)
     assert killed.returncode != 0, killed.stdout + killed.stderr
@@ -57,7 +57,7 @@ def test_demo_recipe_end_to_end(hub, tmp_path, capsys, monkeypatch):  # noqa: F8
     assert all(stages[s]["status"] == "done" for s in ("plan", "convert", "uptrain", "verify", "card", "push"))
     metrics = [json.loads(line) for line in (run_dir / "uptrain" / "metrics.jsonl").read_text().splitlines()]
     steps = [m["step"] for m in metrics if "step" in m]
-    assert steps and steps[-1] == 150 and min(steps) <= 60  # continued, not restarted
+    assert steps and steps[-1] == 120 and min(steps) <= 60  # continued, not restarted
 
     verification = json.loads((run_dir / "model" / "verification.json").read_text())
     assert verification["passed"] is True

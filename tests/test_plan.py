@@ -75,7 +75,11 @@ def test_plan_stories260k(stories_hf):
     assert plan.shape.n_kv == 4 and {o.kv_heads for o in plan.options if not o.outside_paper} == {4, 2, 1}
     src = next(o for o in plan.options if o.is_source)
     assert src.kv_cache_bytes == 2 * 5 * 4 * 8 * 512 * 4
-    assert recommend_kv_heads(stories_hf, 512) in (1, 2, 4)
+    # 260K parameters: far below the law's range, where the shipped reconstruction predicts a lower
+    # loss with fewer KV heads; the planner flags that and keeps the source's heads.
+    assert any("LOWER loss" in n for o in plan.options if not o.is_source for n in o.notes)
+    assert any("unreliable" in w for w in plan.warnings)
+    assert recommend_kv_heads(stories_hf, 512) == 4
 
 
 @pytest.mark.parametrize("args,match", [

@@ -126,6 +126,8 @@ def test_distillation_logs_kl_and_trains(tiny, data, tmp_path):
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert {"loss", "lr", "tokens", "tokens_per_s", "grad_norm"} <= set(rows[0])
     assert r.steps == 4 and (out / "loss_curve.png").is_file() and (out / "result.json").is_file()
+    # the LR logged for each step is the one that step used: WSD over 4 steps (no warmup step, last one decayed)
+    assert [x["lr"] for x in rows] == pytest.approx([3e-3 * wsd_factor(i, 4) for i in range(4)])
 
 
 def test_heldout_slice_is_saved_and_never_trained(tiny, data, tmp_path):
@@ -150,3 +152,25 @@ def test_output_folder_is_never_the_model_or_a_used_folder(tiny, data, tmp_path)
         uptrain(cfg(tiny, data, used))
     with pytest.raises(OutputError, match="no checkpoint"):
         uptrain(cfg(tiny, data, used, resume=True))
+
+
+def test_gradient_checkpointing_gives_the_same_steps(tiny, data, tmp_path):
+    plain = uptrain(cfg(tiny, data, tmp_path / "plain", train="attention", steps=3))
+    ckpt = uptrain(cfg(tiny, data, tmp_path / "ckpt", train="attention", steps=3, gradient_checkpointing=True))
+    assert ckpt.losses == pytest.approx(plain.losses, abs=1e-5)
+    a, b = load_file(str(tmp_path / "plain" / "model.safetensors")), load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_cli_reports_one_line_errors(tiny, data, tmp_path, capsys):
+    from gqa_convert.cli import main
+
+    rc = main(["uptrain", str(tiny), "--data", str(data), "--context", "4096", "--steps", "2",
+               "--output", str(tmp_path / "o"), "--heldout-docs", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("gqa-convert: error: --context 4096 is longer")
+    rc = main(["uptrain", str(tiny), "--data", str(data), "--context", "32", "--steps", "2", "--batch-size", "2",
+               "--output", str(tmp_path / "ok"), "--heldout-docs", "0", "--no-progress", "--train", "kv"])
+    out = capsys.readouterr()
+    assert rc == 0 and "attention = sdpa" in out.out and "uptrained 2 steps" in out.out

@@ -193,6 +193,15 @@ def load_law(path: Union[str, Path, None] = None) -> LossLaw:
     return LossLaw.from_dict(data, where=f"law file {p}")
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (provenance) as readable `|` blocks."""
+
+
+_Dumper.add_representer(
+    str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None)
+)
+
+
 def save_law(law: LossLaw, path: Union[str, Path]) -> Path:
     """Write atomically: a temp file beside the target, renamed when complete."""
     p = Path(path)
@@ -200,7 +209,7 @@ def save_law(law: LossLaw, path: Union[str, Path]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(law.to_dict(), f, sort_keys=False, allow_unicode=True, width=100)
+            yaml.dump(law.to_dict(), f, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

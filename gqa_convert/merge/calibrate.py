@@ -190,7 +190,7 @@ def layer_covariances(
     _load_outside_layers(model, layers, reader, dtype)
 
     originals = list(layers)
-    kwargs_by_len: dict[int, dict] = {}
+    kwargs_by_len: dict[int, list] = {}  # chunk length -> per layer (args, kwargs)
     for L in sorted({c.shape[-1] for c in chunks}):
         sink: list = []
         for i in range(n_layers):
@@ -206,9 +206,11 @@ def layer_covariances(
     hidden = _layer0_inputs(model, layers, chunks)
     results: list[Tensor] = []
     d_model = hidden[0].shape[-1]
+    reader.close()  # unmap: touched pages of a memory-mapped file count as resident memory
     for i in range(n_layers):
         layer = layers[i]
-        _materialize(layer, f"{prefix}.{i}", reader, dtype)
+        with TensorReader(folder) as layer_reader:  # reopened per layer for the same reason
+            _materialize(layer, f"{prefix}.{i}", layer_reader, dtype)
         sigma = torch.zeros(d_model + 1, d_model + 1, dtype=torch.float64)
 
         def hook(mod, args, kwargs):
@@ -226,9 +228,25 @@ def layer_covariances(
         layers[i] = layer.to("meta")  # drop the weights
         if out_dir is not None:
             save_file({"sigma": sigma}, str(Path(out_dir) / f"layer-{i:05d}.safetensors"))
+            del sigma
         else:
             results.append(sigma)
+        _release_freed_memory()
     return results
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc only; a no-op elsewhere).
+
+    Without it glibc's growing mmap threshold leaves each layer's freed multi-MB buffers as heap
+    fragments, and the resident size creeps up by a few MB per layer although nothing is kept.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _load_outside_layers(model: nn.Module, layers: nn.ModuleList, reader: TensorReader, dtype) -> None:

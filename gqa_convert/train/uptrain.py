@@ -346,9 +346,18 @@ def plot_curve(metrics: Path, png: Path) -> None:
 
 def _trim_metrics(path: Path, last_step: int) -> None:
     """Drop lines a killed run logged after its last checkpoint, so the curve is continuous."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in keep))
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a line cut short by the kill
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def save_final(out: Path, model, tokenizer, dtype: torch.dtype, lora: bool) -> None:
@@ -392,7 +401,8 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
         total_steps = resolve_steps(cfg, world)
     log = accelerator.print
     log(f"uptrain: attention = {attn}" + ("" if attn.startswith("flash") else " (PyTorch SDPA; flash-attn not used)")
-        + f", {accelerator.num_processes} process(es) on {accelerator.device}")
+        + f", {accelerator.num_processes} process(es) on {accelerator.device}"
+        + (f" ({accelerator.distributed_type.value})" if accelerator.num_processes > 1 else ""))
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if tokenizer.eos_token_id is None:
@@ -421,7 +431,10 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
         model = add_lora(model, cfg.train, cfg.lora_rank)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cuda:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.train != "all" or cfg.lora:
             model.enable_input_require_grads()
     teacher = None
@@ -484,6 +497,7 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
             ce_sum += ce.detach()
             kl_sum += kl.detach()
         grad_norm = accelerator.clip_grad_norm_(params, cfg.clip)
+        lr_used = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -494,7 +508,7 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
         dt = time.perf_counter() - t0
         losses.append(ce_mean)
         if main:
-            rec = {"step": step + 1, "tokens": tokens_done, "loss": round(ce_mean, 6), "lr": scheduler.get_last_lr()[0],
+            rec = {"step": step + 1, "tokens": tokens_done, "loss": round(ce_mean, 6), "lr": lr_used,
                    "grad_norm": round(float(grad_norm), 5), "tokens_per_s": round(step_tokens / dt, 1), "epoch": stream.epoch,
                    "elapsed_s": round(elapsed_before + time.perf_counter() - t_run, 3)}
             if teacher is not None:
