@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +29,7 @@ import yaml
 
 from . import __version__
 from .errors import CheckpointError, ConfigError
+from .fileio import write_text_atomic
 
 TEMPLATE = "model_card.md.j2"
 BASE_MODEL_RELATION = "finetune"
@@ -418,13 +417,4 @@ def write_model_card(
     model_dir = Path(model_dir)
     text = render_card(model_dir, base_model=base_model, datasets=datasets, repo_id=repo_id, reproduce=reproduce)
     check_card_text(text)
-    target = model_dir / "README.md"
-    fd, tmp = tempfile.mkstemp(prefix=".README.md.", suffix=".tmp", dir=model_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_text_atomic(model_dir / "README.md", text)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .fileio import write_text_atomic
 from .errors import (
     AccessError,
     CheckpointError,
@@ -149,9 +149,7 @@ def _complete_card(folder: Path, repo_id: str) -> None:
         write_model_card(folder, repo_id=repo_id)
         return
     text = path.read_text().replace('from_pretrained("REPO_ID")', f'from_pretrained("{repo_id}")')
-    tmp = path.with_name(f".README.md.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def validate_card(folder: Path, *, remote: bool, token: Optional[str] = None) -> None:

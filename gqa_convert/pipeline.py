@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .errors import ConfigError, VerificationFailed
+from .fileio import write_json_atomic
 from .recipe import Recipe, dump_recipe, load_recipe
 
 STAGES = ["plan", "convert", "uptrain", "verify", "card", "push"]
@@ -35,12 +36,6 @@ STAGES = ["plan", "convert", "uptrain", "verify", "card", "push"]
 def _fingerprint(settings: dict, upstream: str) -> str:
     blob = json.dumps({"settings": settings, "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -67,7 +62,7 @@ class RunState:
             "outputs": outputs or {},
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        _write_json_atomic(self.path, {"stages": self.stages})
+        write_json_atomic(self.path, {"stages": self.stages})
 
 
 @dataclass

@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import shlex
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -32,6 +30,7 @@ import torch
 
 from . import __version__
 from .errors import ConfigError, VerificationFailed
+from .fileio import write_json_atomic
 
 COST_LIMIT = 0.02  # measured costs must match the cost model within 2%
 # Tolerance on the loss, nats/token. Why 0.05: the law's delta is a from-scratch-training
@@ -113,18 +112,6 @@ def _versions() -> dict:
         "huggingface_hub": huggingface_hub.__version__,
         "python": platform.python_version(),
     }
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def verify_model(
@@ -311,7 +298,7 @@ def verify_model(
         "command": command,
     }
     if write:
-        _write_json_atomic(model_dir / "verification.json", report)
+        write_json_atomic(model_dir / "verification.json", report)
         if card:
             write_model_card(model_dir, datasets=[dataset_id] if dataset_id else None)
     return report

@@ -16,7 +16,7 @@ from gqa_convert.architectures import get_family, head_shape, new_shape
 from gqa_convert.convert import convert_checkpoint
 from gqa_convert.evaluate import document_loss, heldout_documents, load_model, training_documents
 from gqa_convert.merge import build_method
-from gqa_convert.merge.heads import Planes, expanded_block, merged_block, transformed_block
+from gqa_convert.merge.heads import expanded_block, merged_block, transformed_block
 
 CALIB_TOKENS = 4096
 UP_STEPS, UP_BATCH = 40, 4

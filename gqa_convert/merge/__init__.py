@@ -22,13 +22,11 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import torch
-
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..regroup import AttentionBlock, HeadShape, mean_pool
 from .align import align_factors
-from .calibrate import DEFAULT_SEQ_LEN, Calibration, calibrate, calibration_chunks
-from .heads import GroupFactors, Planes, augmented, k_approx, mean_factors, merged_block, rel_error, sigma_for, to_complex, v_approx
+from .calibrate import DEFAULT_SEQ_LEN, Calibration, calibrate, calibration_chunks, check_enough_tokens
+from .heads import Planes, augmented, k_approx, mean_factors, merged_block, rel_error, sigma_for, v_approx
 from .optimal import optimal_factors
 
 METHOD_NAMES = ("mean", "align", "optimal")
@@ -112,15 +110,13 @@ class MergeMethod:
             out = mean_pool(layer, block, shape, new_kv)
         else:
             out = merged_block(block, shape, new_kv, mine, planes, do_k=blocker is None, do_v=True)
-        errs = {"k": {}, "v": {}}
+        errs: dict = {"k": {}, "v": {}}
         for label, groups in ((self.name, mine), ("mean", mean)):
-            kk = [rel_error(k[j * g : (j + 1) * g], k_approx(f, k[j * g : (j + 1) * g], planes), sk) for j, f in enumerate(groups)]
-            vv = [rel_error(v[j * g : (j + 1) * g], v_approx(f), sv) for j, f in enumerate(groups)]
-            if blocker is not None and label != "mean":
-                kk = None
-            errs["k"][label] = None if kk is None else sum(e for e, _ in kk) / max(sum(n for _, n in kk), 1e-300)
-            errs["v"][label] = sum(e for e, _ in vv) / max(sum(n for _, n in vv), 1e-300)
-        if blocker is not None:
+            ks = [rel_error(k[j * g : (j + 1) * g], k_approx(f, k[j * g : (j + 1) * g], planes), sk) for j, f in enumerate(groups)]
+            vs = [rel_error(v[j * g : (j + 1) * g], v_approx(f), sv) for j, f in enumerate(groups)]
+            errs["k"][label] = sum(e for e, _ in ks) / max(sum(n for _, n in ks), 1e-300)
+            errs["v"][label] = sum(e for e, _ in vs) / max(sum(n for _, n in vs), 1e-300)
+        if blocker is not None:  # K was mean-pooled after all
             errs["k"][self.name] = errs["k"]["mean"]
             errs["k_side"] = blocker
             self.report["summary"]["k_side"] = blocker
@@ -188,8 +184,6 @@ def build_method(
     family = get_family(config)
     shape = head_shape(family, config)
     tokens = int(calib_tokens or DEFAULT_CALIB_TOKENS)
-    from .calibrate import check_enough_tokens
-
     check_enough_tokens(tokens, shape.hidden, "--calib-tokens")
     chunks = calibration_chunks(source_dir, calib_data, tokens, seq_len)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

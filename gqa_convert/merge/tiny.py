@@ -9,7 +9,7 @@ rotary (phi3), grouped fused layout (falcon), partial rotary (stablelm), MoE FFN
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
