@@ -41,6 +41,9 @@ def make_model(folder: Path, layers: int) -> float:
 def child(mode: str, folder: str, cache: str) -> None:
     import torch
 
+    if mode == "make":
+        print(json.dumps({"weights_mb": make_model(Path(folder), int(cache))}))
+        return
     torch.set_num_threads(1)
     chunks = [torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(i)) for i in range(TOKENS // SEQ)]
     t = time.time()
@@ -59,9 +62,10 @@ def child(mode: str, folder: str, cache: str) -> None:
     print(json.dumps({"peak_mb": peak_mb, "seconds": time.time() - t}))
 
 
-def measure(mode: str, folder: Path, cache: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", mode, str(folder), str(cache)],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+def run_child(*args: str) -> dict:
+    """Run this script as a fresh process. The parent never imports torch: a child's ru_maxrss
+    starts from its parent's resident size at fork, so a big parent would inflate every peak."""
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -78,9 +82,9 @@ def main() -> None:
     for n in args.layers:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "model"
-            size = make_model(folder, n)
-            cal = measure("calibrate", folder, Path(tmp) / "cache")
-            full = measure("load", folder, Path(tmp) / "cache")
+            size = run_child("make", str(folder), str(n))["weights_mb"]
+            cal = run_child("calibrate", str(folder), str(Path(tmp) / "cache"))
+            full = run_child("load", str(folder), str(Path(tmp) / "cache"))
         rows.append({"layers": n, "weights_mb": size, "calibrate_peak_mb": cal["peak_mb"],
                      "full_model_peak_mb": full["peak_mb"], "calibrate_seconds": cal["seconds"]})  # fmt: skip
         print(f"{n:>6} {size:>10.0f} {cal['peak_mb']:>18.0f} {full['peak_mb']:>18.0f} {cal['seconds']:>8.1f}", flush=True)

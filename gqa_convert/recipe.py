@@ -175,6 +175,12 @@ def load_recipe(path: Union[str, Path, None] = None, overrides: Optional[list[st
             raise ConfigError("uptrain needs exactly one budget: uptrain.tokens, uptrain.steps or uptrain.alpha")
         if recipe.uptrain.data is None:
             raise ConfigError("uptrain.data is required when uptrain is enabled (a file, folder or dataset name)")
+        same_text = recipe.verify.data in (None, recipe.uptrain.data)
+        if same_text and recipe.verify.heldout_docs > recipe.uptrain.heldout_docs:
+            raise ConfigError(
+                f"verify.heldout_docs ({recipe.verify.heldout_docs}) exceeds uptrain.heldout_docs "
+                f"({recipe.uptrain.heldout_docs}): verification would score documents the model was trained on"
+            )
     return recipe
 
 

@@ -98,7 +98,7 @@ def verify(ctx: RunContext, *, resuming: bool = False) -> dict:
     if data is None:
         raise ConfigError("verify needs held-out text: set verify.data (or uptrain.data) in the recipe, or --data")
     kwargs = {"tolerance": r.verify.tolerance} if r.verify.tolerance is not None else {}
-    report = verify_model(ctx.final_model.resolve(), str(_source_dir(ctx)), Path(data), r.context_tokens,
+    report = verify_model(ctx.final_model.resolve(), str(_source_dir(ctx)), data, r.context_tokens,
                           documents=r.verify.heldout_docs, card=False, command=_command(),
                           law_path=Path(r.law) if r.law else None, **kwargs)
     ctx.log(format_table(report))

@@ -24,12 +24,12 @@ import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from . import __version__
-from .errors import ConfigError, VerificationFailed
+from .errors import ConfigError, DataError, VerificationFailed
 from .fileio import write_json_atomic
 
 COST_LIMIT = 0.02  # measured costs must match the cost model within 2%
@@ -117,7 +117,7 @@ def _versions() -> dict:
 def verify_model(
     model_dir: Path,
     source: Optional[str],
-    data: Path,
+    data: Union[str, Path],
     context: int,
     *,
     tolerance: float = DEFAULT_TOLERANCE,
@@ -135,7 +135,7 @@ def verify_model(
     Args:
         model_dir: the converted (and possibly uptrained) model folder.
         source: the source checkpoint (folder, alias or hub id); default: the one recorded by convert.
-        data: a text file of blank-line-separated documents; the held-out ones are used
+        data: a .txt/.jsonl/.parquet file or folder, or a HF dataset name; the held-out ones are used
             (`evaluate.heldout_documents`: the first 200), or the first `documents` ones.
         context: T, tokens per document (truncation) and the context at which costs are measured.
         tolerance: nats/token allowed above the law's prediction.
@@ -147,7 +147,7 @@ def verify_model(
         SourceNotFoundError, DataError, ConfigError, LawError: before anything is measured.
     """
     from .card import read_uptraining, source_licence, source_repo_id, write_model_card
-    from .evaluate import HELDOUT, document_loss, load_model, split_paragraphs
+    from .evaluate import HELDOUT, document_loss, load_model
     from .law.cost import cost_report
     from .law.loss import load_law
     from .law.shapes import shape_from_config
@@ -175,8 +175,13 @@ def verify_model(
     src_dir = resolve_source(str(source))
     if src_dir.resolve() == model_dir.resolve():
         raise ConfigError("--source is the model itself; give the checkpoint it was converted from")
-    docs = split_paragraphs(Path(data))
-    docs = docs[:documents] if documents else docs[HELDOUT]
+    # The same readers as uptraining (text/JSONL/Parquet/folder/HF dataset); its held-out slice
+    # is the first documents, so verification never scores text the model was trained on.
+    from .train.data import DataSpec
+
+    docs = DataSpec(str(data), heldout=documents or HELDOUT.stop).heldout_documents()
+    if not docs:
+        raise DataError(f"no documents in {data}; give held-out text (a file, folder or dataset name)")
     law = load_law(law_path)
 
     cfg_new, cfg_src = load_config(model_dir), load_config(src_dir)
@@ -260,7 +265,7 @@ def verify_model(
         "source_licence": source_licence(src_dir, src_id),
         "context": context,
         "data": {
-            "name": Path(data).name,
+            "name": Path(str(data)).name if Path(str(data)).exists() else str(data),
             "dataset_id": dataset_id,
             "documents": len(docs),
             "tokens": results["converted"].tokens,
@@ -347,7 +352,7 @@ def _run_verify(args: argparse.Namespace) -> int:
     report = verify_model(
         Path(args.model),
         args.source,
-        Path(args.data),
+        args.data,
         context,
         tolerance=args.tolerance,
         law_path=args.law,
@@ -400,7 +405,7 @@ def register(sub) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="converted model folder")
     p.add_argument("--source", default=None, help="source checkpoint (default: the one recorded by convert)")
-    p.add_argument("--data", required=True, help="held-out text: blank-line-separated documents (first 200 used)")
+    p.add_argument("--data", required=True, help="held-out text: .txt/.jsonl/.parquet file or folder, or HF dataset name (its first 200 documents)")
     p.add_argument("--context", required=True, help="T: tokens per document and context for costs, e.g. 512 or 8K")
     p.add_argument(
         "--tolerance",
