@@ -33,6 +33,7 @@ from .source import aliases, cache_dir, load_config, resolve_source
 # Files of a source folder that are never copied: weights (rewritten), the config (rewritten),
 # the old model card (describes another model), our own record.
 SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".partial")
+MERGE_PLOT = "merge_report.png"  # per-layer K/V reconstruction errors of a calibrated merge
 SKIP_NAMES = {"config.json", "README.md", "gqa_convert.json", SAFE_INDEX, "pytorch_model.bin.index.json"}
 
 
@@ -62,7 +63,7 @@ def resolve_method(
     method: Union[str, LayerMethod],
     *,
     source_dir: Path,
-    calib_data: Optional[Path] = None,
+    calib_data: Any = None,
     calib_tokens: Optional[int] = None,
     cache_dir: Optional[Path] = None,
 ) -> tuple[str, LayerMethod]:
@@ -120,7 +121,7 @@ def convert_checkpoint(
     progress: bool = True,
     revision: Optional[str] = None,
     token: Optional[str] = None,
-    calib_data: Optional[Union[str, Path]] = None,
+    calib_data: Any = None,
     calib_tokens: Optional[int] = None,
 ) -> ConvertResult:
     """Convert SOURCE to a checkpoint with `kv_heads` KV heads, written to OUTPUT.
@@ -129,13 +130,18 @@ def convert_checkpoint(
         source: folder, alias, hub repo id or llama2.c .bin (see `source.resolve_source`).
         output: the new checkpoint folder (created; must not exist unless overwrite).
         kv_heads: new KV-head count; must divide the old one (equal = identity conversion).
-        method: "mean" (Ainslie et al. mean pooling), a gqa_convert.merge method name, or a
-            LayerMethod callable. A callable with a `report` dict attribute fills result.report.
+        method: "mean" (Ainslie et al. mean pooling), a gqa_convert.merge method name ("align",
+            "optimal"), "auto" (= "optimal" when calib_data is given, else "mean"; docs/merging.md
+            has the measurements behind it), or a LayerMethod callable. A callable with a `report`
+            dict attribute fills result.report.
         max_shard_size: cap per output shard ("5GB", "500MB", or bytes).
         overwrite: replace an existing output (swapped in only when the new one is complete).
         allow_pickle: read pytorch_model*.bin weights (weights_only=True) when no safetensors.
         progress: show a progress bar over bytes (stderr).
         revision, token: for hub sources.
+        calib_data: calibration text for align/optimal: a file, folder, dataset name, or an
+            iterable of documents.
+        calib_tokens: calibration token budget.
     Returns:
         ConvertResult.
     Raises:
@@ -147,6 +153,8 @@ def convert_checkpoint(
     """
     output = Path(output).expanduser()
     max_bytes = parse_size(max_shard_size)
+    if method == "auto":
+        method = "optimal" if calib_data is not None else "mean"
     # Config first (for a hub source: config.json only), so that every check below runs before
     # gigabytes are downloaded and before anything is written.
     src = resolve_source(str(source), revision=revision, token=token, config_only=True)
@@ -167,7 +175,7 @@ def convert_checkpoint(
     name, fn = resolve_method(
         method,
         source_dir=src,
-        calib_data=Path(calib_data) if calib_data else None,
+        calib_data=calib_data,
         calib_tokens=calib_tokens,
         cache_dir=cache_dir(),
     )
@@ -180,11 +188,18 @@ def convert_checkpoint(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
+        if isinstance(method, str) and hasattr(fn, "plot_path"):  # a named merge: its error plot ships with the model
+            fn.plot_path = tmp / MERGE_PLOT
         _write_weights(reader, family, layers, old, new, fn, max_bytes, tmp, result, progress)
         _copy_side_files(src, tmp)
         (tmp / "config.json").write_text(json.dumps(family.updated_config(config, kv_heads), indent=2) + "\n")
         if isinstance(getattr(fn, "report", None), dict):
             result.report = dict(fn.report)
+            summary = result.report.get("summary")
+            if isinstance(method, str) and isinstance(summary, dict) and "plot" in summary:
+                summary["plot"] = MERGE_PLOT  # relative: the folder is renamed into place
+            if isinstance(summary, dict) and summary.get("calibration_cache"):
+                summary["calibration_cache"] = Path(summary["calibration_cache"]).name  # no local paths published
         record = {
             "tool": "gqa-convert",
             "version": __version__,
@@ -386,8 +401,9 @@ def register(sub) -> None:
     p.add_argument("source", metavar="SOURCE", help="checkpoint folder, alias (see `gqa-convert models`) or hub id")
     p.add_argument("--kv-heads", required=True, help="new KV-head count (must divide the old one), or 'auto'")
     p.add_argument("--output", "-o", required=True, type=Path, help="folder to create")
-    p.add_argument("--method", default="mean", help="mean | align | optimal (default mean)")
-    p.add_argument("--calib-data", type=Path, default=None, help="text file for calibrated merges")
+    p.add_argument("--method", default="auto",
+                   help="mean | align | optimal | auto (default: optimal with --calib-data, else mean)")
+    p.add_argument("--calib-data", default=None, help="calibration text for align/optimal: file, folder or HF dataset name")
     p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens for calibrated merges")
     p.add_argument("--context", type=int, default=None, help="context length for --kv-heads auto")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")

@@ -224,7 +224,8 @@ def register(sub) -> None:
     p.add_argument("--alpha", type=float, help="uptraining budget as a fraction of pretraining tokens")
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--method", default="mean", choices=["mean", "align", "optimal"])
+    p.add_argument("--method", default="auto", choices=["auto", "mean", "align", "optimal"],
+                   help="KV-head merge (default auto: optimal calibrated on --data, else mean)")
     p.add_argument("--push-to", metavar="USER/NAME", help="publish to this hub repo when verification passes")
     p.add_argument("--private", action="store_true")
     p.add_argument("--revision")

@@ -31,9 +31,11 @@ class _Section(BaseModel):
 
 
 class ConvertSettings(_Section):
-    method: Literal["mean", "align", "optimal"] = "mean"
+    # auto = optimal when calibration text is at hand (calib_data, else uptrain.data's training
+    # documents), mean otherwise: optimal starts far closer to the source (docs/merging.md).
+    method: Literal["auto", "mean", "align", "optimal"] = "auto"
     max_shard_size: str = "5GB"
-    calib_data: Optional[str] = None  # for align/optimal; defaults to uptrain.data
+    calib_data: Optional[str] = None  # for align/optimal; defaults to uptrain.data minus its held-out slice
     calib_tokens: int = Field(default=65536, gt=0)
     allow_pickle: bool = False
 

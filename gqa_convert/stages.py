@@ -55,15 +55,29 @@ def convert(ctx: RunContext, *, resuming: bool = False) -> dict:
 
     r = ctx.recipe
     target = ctx.run_dir / "converted"
-    calib = r.convert.calib_data or r.uptrain.data or r.verify.data
     res = convert_checkpoint(
         _source_dir(ctx), target, ctx.outputs["plan"]["kv_heads"], method=r.convert.method,
         max_shard_size=r.convert.max_shard_size, overwrite=True, allow_pickle=r.convert.allow_pickle,
-        calib_data=calib if r.convert.method != "mean" else None, calib_tokens=r.convert.calib_tokens,
+        calib_data=_calibration_text(r) if r.convert.method != "mean" else None,
+        calib_tokens=r.convert.calib_tokens,
     )
     _link_final_model(ctx, target)
-    ctx.log(f"[convert] {res.family}: {res.old_shape.n_kv} -> {res.new_shape.n_kv} KV heads, written to {target}")
-    return {"model": str(target), "old_kv": res.old_shape.n_kv, "new_kv": res.new_shape.n_kv}
+    ctx.log(f"[convert] {res.family}: {res.old_shape.n_kv} -> {res.new_shape.n_kv} KV heads ({res.method}), "
+            f"written to {target}")
+    return {"model": str(target), "old_kv": res.old_shape.n_kv, "new_kv": res.new_shape.n_kv, "method": res.method}
+
+
+def _calibration_text(r):
+    """convert.calib_data, else the uptraining documents after the held-out slice (never the
+    documents verification scores), else None (then `auto` means mean pooling)."""
+    if r.convert.calib_data:
+        return r.convert.calib_data
+    data = r.uptrain.data if r.uptrain.enabled else None
+    if data is None:
+        return None
+    from .train.data import DataSpec
+
+    return DataSpec(data, heldout=max(r.uptrain.heldout_docs, r.verify.heldout_docs)).training_documents()
 
 
 def uptrain(ctx: RunContext, *, resuming: bool = False) -> dict:

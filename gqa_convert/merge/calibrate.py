@@ -306,7 +306,7 @@ class Calibration:
 
 def calibration_chunks(
     source_dir: Union[str, Path],
-    calib_data: Union[str, Path, Sequence[str]],  # file, folder, dataset name, or the documents
+    calib_data: Union[str, Path, Iterable[str]],  # file, folder, dataset name, or the documents
     calib_tokens: int,
     seq_len: int = DEFAULT_SEQ_LEN,
 ) -> list[Tensor]:
@@ -315,7 +315,7 @@ def calibration_chunks(
 
     from ..train.data import DataSpec
 
-    docs = iter(calib_data) if isinstance(calib_data, (list, tuple)) else DataSpec(source=str(calib_data)).documents()
+    docs = DataSpec(source=str(calib_data)).documents() if isinstance(calib_data, (str, Path)) else iter(calib_data)
     tokenizer = AutoTokenizer.from_pretrained(str(source_dir), trust_remote_code=False)
     ids = tokenize_documents(tokenizer, docs, int(calib_tokens))
     if ids.numel() == 0:
