@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -89,6 +90,11 @@ def uptrain(ctx: RunContext, *, resuming: bool = False) -> dict:
 
     u = r.uptrain
     target = ctx.run_dir / "uptrain"
+    # Same settings and a checkpoint on disk: continue. Otherwise the folder holds a run of other
+    # settings (or one killed before its first checkpoint): start over.
+    resume = resuming and any((target / d).is_dir() for d in ("checkpoint", "checkpoint.old"))
+    if not resume and target.exists():
+        shutil.rmtree(target)
     cfg = UptrainConfig(
         model=ctx.outputs["convert"]["model"], data=u.data, context=r.context_tokens, output=str(target),
         tokens=u.tokens, steps=u.steps, alpha=u.alpha, pretraining_tokens=u.pretraining_tokens,
@@ -97,7 +103,7 @@ def uptrain(ctx: RunContext, *, resuming: bool = False) -> dict:
         train=u.train, distill_from=str(_source_dir(ctx)) if u.distill_weight > 0 else None,
         distill_weight=u.distill_weight, lora=u.lora, lora_rank=u.lora_rank, attn=u.attn,
         gradient_checkpointing=u.gradient_checkpointing or None, save_every=u.save_every,
-        seed=u.seed, resume=resuming and (target / "checkpoints").exists(),
+        seed=u.seed, resume=resume,
     )
     res = run_uptrain(cfg)
     _link_final_model(ctx, res.output)
