@@ -38,6 +38,15 @@ HUB_CACHE_DIR = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
+# How each merge method made the new K/V heads, for the card (docs/merging.md has the details).
+METHOD_LINES = {
+    "mean": "each new K/V head the mean of a contiguous group of old heads (Ainslie et al., 2023)",
+    "align": "old K/V heads aligned by function-preserving rotations, then mean-pooled (Jin et al., 2024)",
+    "optimal": "activation-optimal closed-form merge of contiguous K/V-head groups, "
+               "the per-head maps absorbed into q_proj/o_proj (calibrated on held-in text)",
+}
+
+
 def _read_json(path: Path) -> Optional[dict]:
     try:
         return json.loads(path.read_text()) if path.is_file() else None
@@ -231,6 +240,7 @@ def render_card(
     datasets: Optional[list[str]] = None,
     repo_id: Optional[str] = None,
     reproduce: Optional[str] = None,
+    title: Optional[str] = None,
 ) -> str:
     """The card's text for `model_dir` (README.md content), from the template and the run's records."""
     import jinja2
@@ -265,14 +275,14 @@ def render_card(
     if src_params is None and old_heads:
         src_params = new.with_heads(old["n_heads"], old["n_kv"]).non_embedding_params
     ctx: dict[str, Any] = {
-        "title": model_dir.name if not repo_id else repo_id.split("/")[-1],
+        "title": repo_id.split("/")[-1] if repo_id else (title or model_dir.name),
         "old": old,
         "new": {"n_heads": new.n_heads, "n_kv": new.n_kv, "head_dim": new.head_dim},
         "params": {"source": f"{src_params:,}" if src_params else "n/a", "converted": f"{new.non_embedding_params:,}"},
         "source_line": f"[{base}](https://huggingface.co/{base})"
         if base
         else f"`{_local_name(source_spec)}` (a local checkpoint)",
-        "method_line": f"{record.get('method', 'mean')} merge of contiguous KV-head groups",
+        "method_line": METHOD_LINES.get(record.get("method", "mean"), f"{record.get('method')} merge"),
         "repo_hint": repo_id or "REPO_ID",
         "verified": ver is not None,
         "passed": bool(ver and ver.get("passed")),
@@ -412,9 +422,10 @@ def write_model_card(
     datasets: Optional[list[str]] = None,
     repo_id: Optional[str] = None,
     reproduce: Optional[str] = None,
+    title: Optional[str] = None,
 ) -> Path:
     """Render and write MODEL_DIR/README.md atomically (after checking its metadata parses); return its path."""
     model_dir = Path(model_dir)
-    text = render_card(model_dir, base_model=base_model, datasets=datasets, repo_id=repo_id, reproduce=reproduce)
+    text = render_card(model_dir, base_model=base_model, datasets=datasets, repo_id=repo_id, reproduce=reproduce, title=title)
     check_card_text(text)
     return write_text_atomic(model_dir / "README.md", text)

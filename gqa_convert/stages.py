@@ -131,7 +131,8 @@ def card(ctx: RunContext, *, resuming: bool = False) -> dict:
 
     r = ctx.recipe
     path = write_model_card(ctx.final_model.resolve(), base_model=_base_model(r.source),
-                            repo_id=r.push.repo if r.push else None, reproduce=_command())
+                            repo_id=r.push.repo if r.push else None, reproduce=_command(),
+                            title=Path(r.run_dir).name)
     return {"card": str(path)}
 
 

@@ -360,7 +360,7 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     tmp.replace(path)
 
 
-def save_final(out: Path, model, tokenizer, dtype: torch.dtype, lora: bool) -> None:
+def save_final(out: Path, model, tokenizer, dtype: torch.dtype, lora: bool, source: Optional[Path] = None) -> None:
     """Model (merged LoRA, source dtype, safetensors) + tokenizer, written beside and renamed in."""
     if lora:
         model = model.merge_and_unload()
@@ -370,6 +370,9 @@ def save_final(out: Path, model, tokenizer, dtype: torch.dtype, lora: bool) -> N
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if source is not None and (Path(source) / "gqa_convert.json").is_file():
+        # The conversion record (source, heads, merge method) stays with the model it describes.
+        shutil.copyfile(Path(source) / "gqa_convert.json", tmp / "gqa_convert.json")
     for f in sorted(tmp.iterdir()):
         os.replace(f, out / f.name)
     tmp.rmdir()
@@ -531,7 +534,7 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
     accelerator.wait_for_everyone()
     if main:
         final_model = _unwrap(accelerator, model)
-        save_final(out, final_model, tokenizer, _source_dtype(mcfg), cfg.lora)
+        save_final(out, final_model, tokenizer, _source_dtype(mcfg), cfg.lora, source=Path(cfg.model))
         plot_curve(metrics_path, out / "loss_curve.png")
     all_losses = [json.loads(x)["loss"] for x in metrics_path.read_text().splitlines() if x.strip()] if main else losses
     result = UptrainResult(
