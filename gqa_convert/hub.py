@@ -39,7 +39,7 @@ UPLOAD_PATTERNS = [
     "config.json", "generation_config.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "README.md", "verification.json", "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY.md",
+    "README.md", "verification.json", "gqa_convert.json", "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY.md",
     "*.png", "plots/*.png",
 ]  # fmt: skip
 # Never uploaded, whatever the folder holds: pickle can run code on load; training state is private.

@@ -9,8 +9,9 @@ For a source model and an expected context T, every reachable head configuration
 Recommendation rule: among the paper's options (query heads kept, KV heads a divisor of the
 source's), the lowest Z whose predicted loss increase is at least 0 and at most
 `max_loss_increase`; the source itself (delta 0) is always allowed, so there is always a
-recommendation. A negative delta (fewer heads predicted to LOWER the loss) means the law is outside
-its reliable range there; such options are flagged, never recommended. Query-head reductions
+recommendation. The shipped law is monotone in the heads (docs/law.md), so its deltas for fewer heads
+are never negative; a negative delta can still come from a law file (a fit, or `shipped:table4`) and
+means that law is outside its reliable range there: such options are flagged, never recommended. Query-head reductions
 are listed, marked as outside the paper (neither paper has a recipe for them), never recommended.
 """
 
@@ -124,9 +125,9 @@ def plan_conversion(config: Union[Mapping[str, Any], ModelShape], context: int, 
         delta = None
         if src_loss is not None and law.has(q, k):
             delta = law.loss(new.non_embedding_params, q, k) - src_loss
-            if delta < 0:
+            if delta < 0:  # guard: impossible with the shipped (monotone) law, possible with a law file
                 notes.append("the law predicts a LOWER loss with fewer heads here: outside its reliable range "
-                             "(the reconstructed coefficients invert below ~5e8 parameters); not recommended")
+                             "(this law is not monotone in the heads at this size); not recommended")
         else:
             notes.append("the law has no coefficients for this configuration")
         if k < min(COMMON_PARALLEL_DEGREE, shape.n_kv):
@@ -150,8 +151,8 @@ def plan_conversion(config: Union[Mapping[str, Any], ModelShape], context: int, 
     n = shape.non_embedding_params
     warnings += law.extrapolation_notes(n, shape.n_heads, shape.n_kv, context)
     if any(o.predicted_loss_delta is not None and o.predicted_loss_delta < 0 for o in options if not o.is_source):
-        warnings.append(f"the law predicts lower loss with fewer heads at N={n:,}: below ~5e8 parameters the shipped "
-                        "(reconstructed) coefficients are unreliable; fit your own (`gqa-convert law fit`) or treat deltas as unknown")
+        warnings.append(f"the law predicts lower loss with fewer heads at N={n:,}: it is not monotone in the heads here "
+                        "and unreliable; use the shipped (monotone) law, fit your own (`gqa-convert law fit`) or treat deltas as unknown")
     if src_loss is None:
         warnings.append(f"the law has no coefficients for the source heads ({shape.n_heads},{shape.n_kv}); no loss deltas")
     warnings.append("predicted deltas assume uptraining after conversion (law.md: the law read as a delta)")

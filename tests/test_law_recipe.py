@@ -17,6 +17,10 @@ from gqa_convert.law.recipe import (
 )
 from gqa_convert.law.shapes import ModelShape
 
+# What the monotone calibration reaches (docs/law.md): exact cells, cells more than one doubling off.
+DEFAULT_LAW_CELLS = 13
+DEFAULT_LAW_FAR = 1
+
 
 def test_candidates_are_the_papers_21():
     c = candidates(32)
@@ -33,17 +37,32 @@ def test_shape_search_recovers_predefined_shapes():
         assert layers == pytest.approx(L, rel=1e-9)
 
 
-def test_table4_reproduction():
-    grid = table()
-    matched = table4_match(grid)
-    print(f"\nTable 4 cells reproduced exactly by the shipped law: {matched}/40")
+def _print_grid(grid, name):
+    print(f"\nTable 4 cells reproduced exactly by {name}: {table4_match(grid)}/40")
     for i, l in enumerate(TABLE4_LOSSES):
         print(f"  {l:<5}", "  ".join(f"{h:>2},{k:<2}{' ' if (h, k) == TABLE4[l][j] else '*'}" for j, (h, k) in enumerate(grid[i])))
-    assert matched >= 28
-    for i, l in enumerate(TABLE4_LOSSES):
-        for j, (h, k) in enumerate(grid[i]):
-            ph, pk = TABLE4[l][j]
-            assert abs(math.log2(h / ph)) <= 1 and abs(math.log2(k / pk)) <= 1, (l, TABLE4_CONTEXTS[j], (h, k), (ph, pk))
+
+
+def _far_cells(grid) -> list:
+    return [(l, TABLE4_CONTEXTS[j], (h, k), TABLE4[l][j]) for i, l in enumerate(TABLE4_LOSSES) for j, (h, k) in enumerate(grid[i])
+            if abs(math.log2(h / TABLE4[l][j][0])) > 1 or abs(math.log2(k / TABLE4[l][j][1])) > 1]
+
+
+def test_table4_reproduction_unconstrained_law():
+    """The earlier, unconstrained reconstruction (`shipped:table4`, not monotone in the heads)."""
+    grid = table(load_law("shipped:table4"))
+    _print_grid(grid, "shipped:table4")
+    assert table4_match(grid) >= 28
+    assert _far_cells(grid) == []
+
+
+def test_table4_reproduction_default_law():
+    """The shipped, monotone law: the constraint costs Table 4 cells (docs/law.md); the floor below is
+    what the calibration reaches, so a regression shows."""
+    grid = table()
+    _print_grid(grid, "the shipped monotone law")
+    assert table4_match(grid) >= DEFAULT_LAW_CELLS
+    assert len(_far_cells(grid)) <= DEFAULT_LAW_FAR
 
 
 def _violations(grid) -> list[str]:
@@ -68,18 +87,17 @@ def test_trends_hold_on_table4_and_wide_grids():
     assert _violations(table(losses=losses, contexts=contexts)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="known: the shipped reconstruction has two narrow pockets (a few hundredths of a nat wide, "
-                   "near L*=2.9 at T=8-14K and L*=2.65 at T=27-39K) where 32 query heads briefly beat 16; see docs/law.md")
 def test_trends_hold_on_a_fine_grid():
     losses = list(np.round(np.arange(3.3, 2.279, -0.01), 4))
     contexts = sorted({int(2048 * 2 ** (i / 4)) for i in range(33)})
     bad = _violations(table(losses=losses, contexts=contexts))
     print(f"\ntrend violations on a {len(losses)}x{len(contexts)} grid: {len(bad)}", *bad[:10], sep="\n  ")
-    assert bad == []
+    assert bad == []  # the monotone law has none (the unconstrained `shipped:table4` has 8: two narrow pockets)
 
 
-def test_llama3_reference_losses():
-    law = load_law()
+@pytest.mark.parametrize("name", [None, "shipped:table4"])
+def test_llama3_reference_losses(name):
+    law = load_law(name)
     for key, ((L, d, ff), ref) in LLAMA3_REFERENCE.items():
         s = ModelShape(L, d, d // 64, 8, 64, ff, 50304)
         pred = law.loss(s.non_embedding_params, s.n_heads, s.n_kv)

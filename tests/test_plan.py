@@ -75,11 +75,23 @@ def test_plan_stories260k(stories_hf):
     assert plan.shape.n_kv == 4 and {o.kv_heads for o in plan.options if not o.outside_paper} == {4, 2, 1}
     src = next(o for o in plan.options if o.is_source)
     assert src.kv_cache_bytes == 2 * 5 * 4 * 8 * 512 * 4
-    # 260K parameters: far below the law's range, where the shipped reconstruction predicts a lower
-    # loss with fewer KV heads; the planner flags that and keeps the source's heads.
+    # 226K parameters, far below the law's range: the shipped law is monotone in the heads (issue 3),
+    # so fewer KV heads always predict a higher loss; none is flagged as predicting a lower one.
+    paper = sorted((o for o in plan.options if not o.outside_paper), key=lambda o: -o.kv_heads)
+    assert [o.predicted_loss_delta > 0 for o in paper[1:]] == [True, True]
+    assert paper[1].predicted_loss_delta < paper[2].predicted_loss_delta
+    assert not any("LOWER loss" in n for o in plan.options for n in o.notes)
+    assert not any("unreliable" in w for w in plan.warnings)
+    assert recommend_kv_heads(stories_hf, 512, max_loss_increase=0.0) == 4
+    assert recommend_kv_heads(stories_hf, 512, max_loss_increase=10.0) == 1
+
+
+def test_plan_flags_negative_deltas_of_a_non_monotone_law(stories_hf):
+    """The guard stays for law files: the earlier unconstrained reconstruction inverts at this size."""
+    plan = plan_conversion(str(stories_hf), 512, dtype="fp32", law=load_law("shipped:table4"))
     assert any("LOWER loss" in n for o in plan.options if not o.is_source for n in o.notes)
     assert any("unreliable" in w for w in plan.warnings)
-    assert recommend_kv_heads(stories_hf, 512) == 4
+    assert plan.recommended.kv_heads == 4
 
 
 @pytest.mark.parametrize("args,match", [
