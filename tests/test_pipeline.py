@@ -88,3 +88,30 @@ def test_pipeline_default_command_validates_before_work(tmp_path, capsys):
     rc = main(["run", str(RECIPE), "uptrain.stepz=3", f"run_dir={tmp_path / 'r2'}"])
     err = capsys.readouterr().err
     assert rc == 2 and "unknown key 'uptrain.stepz'" in err and not (tmp_path / "r2").exists()
+
+
+def test_missing_model_is_one_line_and_rerunnable(hub, tmp_path, capsys):  # noqa: F811
+    run_dir = tmp_path / "run"
+    args = ["alice/no-such-model", "--kv-heads", "2", "--context", "8K", "--run-dir", str(run_dir)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gqa-convert: error:") and "alice/no-such-model" in err and "\n" not in err
+    stages = json.loads((run_dir / "state.json").read_text())["stages"]
+    assert stages["plan"]["status"] == "running"  # not marked done: a re-run starts it again
+
+
+def test_disk_full_is_reported_and_the_stage_reruns(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from gqa_convert import stages
+
+    def full(ctx, **_):
+        raise OSError(errno.ENOSPC, "No space left on device", str(ctx.run_dir / "converted"))
+
+    monkeypatch.setattr(stages, "convert", full)
+    run_dir = tmp_path / "run"
+    args = ["run", str(RECIPE), *_overrides(run_dir), "uptrain.enabled=false"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "re-run the same command" in err
+    assert _stages(run_dir)["plan"]["status"] == "done" and _stages(run_dir)["convert"]["status"] == "running"
