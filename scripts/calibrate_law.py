@@ -9,7 +9,7 @@ the coefficients, enforced by projection) and, within that, calibrated so that
   (2) the Llama-3 head configuration (d/64, 8) reaches 2.615 / 2.448 / 2.362 at the 1B / 3B / 8B
       shapes (solved exactly for E and the two constant terms).
 
-Default run (≈ 10–15 min on one busy core): from the earlier unconstrained law (UNCONSTRAINED,
+Default run (140–250 s on one busy core): from the earlier unconstrained law (UNCONSTRAINED,
 `shipped:table4`) to the nearest monotone law (SLSQP), then a seeded evolution strategy.
 `--from-scratch` also re-derives UNCONSTRAINED (the better part of an hour). Deterministic (fixed
 seeds, single thread).

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gqa_convert.cli import main
-from gqa_convert.law.loss import candidates, load_law
+from gqa_convert.law.loss import CONVERSION_LAW, DESIGN_LAW, candidates, load_law
 from gqa_convert.law.recipe import (
     LLAMA3_REFERENCE, TABLE4, TABLE4_CONTEXTS, TABLE4_LOSSES, TABLE7, TABLE9, aspect_ratio, optimize,
     params_of, solve_layers, table, table4_match,
@@ -48,10 +48,10 @@ def _far_cells(grid) -> list:
             if abs(math.log2(h / TABLE4[l][j][0])) > 1 or abs(math.log2(k / TABLE4[l][j][1])) > 1]
 
 
-def test_table4_reproduction_unconstrained_law():
-    """The earlier, unconstrained reconstruction (`shipped:table4`, not monotone in the heads)."""
-    grid = table(load_law("shipped:table4"))
-    _print_grid(grid, "shipped:table4")
+def test_table4_reproduction_of_the_design_law():
+    """The law `law optimize` / `law table` use by default (`shipped:table4`): the paper's Table 4."""
+    grid = table()  # default: DESIGN_LAW
+    _print_grid(grid, "shipped:table4 (the default of law optimize/table)")
     assert table4_match(grid) >= 28
     assert _far_cells(grid) == []
 
@@ -59,8 +59,8 @@ def test_table4_reproduction_unconstrained_law():
 def test_table4_reproduction_default_law():
     """The shipped, monotone law: the constraint costs Table 4 cells (docs/law.md); the floor below is
     what the calibration reaches, so a regression shows."""
-    grid = table()
-    _print_grid(grid, "the shipped monotone law")
+    grid = table(load_law(CONVERSION_LAW))
+    _print_grid(grid, "the shipped monotone law (the default of plan/verify)")
     assert table4_match(grid) >= DEFAULT_LAW_CELLS
     assert len(_far_cells(grid)) <= DEFAULT_LAW_FAR
 
@@ -90,7 +90,7 @@ def test_trends_hold_on_table4_and_wide_grids():
 def test_trends_hold_on_a_fine_grid():
     losses = list(np.round(np.arange(3.3, 2.279, -0.01), 4))
     contexts = sorted({int(2048 * 2 ** (i / 4)) for i in range(33)})
-    bad = _violations(table(losses=losses, contexts=contexts))
+    bad = _violations(table(load_law(CONVERSION_LAW), losses=losses, contexts=contexts))
     print(f"\ntrend violations on a {len(losses)}x{len(contexts)} grid: {len(bad)}", *bad[:10], sep="\n  ")
     assert bad == []  # the monotone law has none (the unconstrained `shipped:table4` has 8: two narrow pockets)
 
@@ -110,7 +110,7 @@ def test_optimize_beats_llama3_heads_at_long_context():
     assert opt.best.z == min(c.z for c in opt.candidates)
     assert (int(opt.best.n_heads), opt.best.n_kv) in candidates(32)
     assert opt.llama3 is not None and opt.memory_saved_pct > 30 and opt.flops_saved_pct > 30
-    law = load_law()
+    law = load_law(DESIGN_LAW)
     assert law.loss(opt.best.n_params, opt.best.n_heads, opt.best.n_kv) == pytest.approx(2.6)
     assert law.loss(opt.llama3.n_params, opt.llama3.n_heads, 8) == pytest.approx(2.6)
     assert opt.shape.hidden % 64 == 0 and abs(opt.shape_loss - 2.6) < 0.02

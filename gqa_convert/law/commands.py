@@ -8,7 +8,7 @@ import math
 from ..errors import ConfigError
 from ..units import parse_count
 from .fit import fit_law, read_runs
-from .loss import load_law, save_law
+from .loss import CONVERSION_LAW, DESIGN_LAW, load_law, save_law
 from .recipe import TABLE4, TABLE4_CONTEXTS, TABLE4_LOSSES, optimize, table, table4_match
 
 
@@ -30,12 +30,12 @@ def _ctx_label(t: int) -> str:
     return f"{t // 1024}K" if t % 1024 == 0 else str(t)
 
 
-def _law(args):
-    return load_law(getattr(args, "law", None))
+def _law(args, default: str):
+    return load_law(getattr(args, "law", None) or default)
 
 
 def _optimize(args) -> int:
-    law = _law(args)
+    law = _law(args, DESIGN_LAW)
     target = _loss_value(args.loss)
     context = parse_count(args.context, what="--context", binary_k=True)
     opt = optimize(target, context, law)
@@ -65,7 +65,7 @@ def _optimize(args) -> int:
 
 
 def _table(args) -> int:
-    law = _law(args)
+    law = _law(args, DESIGN_LAW)
     losses = [_loss_value(v, "--losses") for v in _split(args.losses)] if args.losses else TABLE4_LOSSES
     contexts = [parse_count(v, what="--contexts", binary_k=True) for v in _split(args.contexts)] if args.contexts else TABLE4_CONTEXTS
     grid = table(law, losses, contexts)
@@ -108,7 +108,7 @@ def _fit(args) -> int:
 
 
 def _eval(args) -> int:
-    law = _law(args)
+    law = _law(args, CONVERSION_LAW)
     h, k = args.heads, args.kv_heads
     if h <= 0 or k <= 0 or h % k:
         raise ConfigError(f"--heads {h} / --kv-heads {k}: need positive counts with kv dividing heads")
@@ -131,7 +131,8 @@ def register(sub) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
     def law_arg(q):
-        q.add_argument("--law", help="law file from `gqa-convert law fit` (default: shipped, reconstructed coefficients)")
+        q.add_argument("--law", help="law file from `gqa-convert law fit`, or shipped:table4 | shipped:default "
+                       "(default: table4 for optimize/table, the monotone default for eval; docs/law.md)")
 
     q = lsub.add_parser("optimize", help="cost-optimal (N, n_h, n_kv, layers, width) for a target loss and context")
     q.add_argument("--loss", required=True, help="target loss L* (nats)")

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import ConfigError, LawError
 from .cost import CostSettings, cost_report, infer_flops, infer_memory, z_of
-from .loss import LossLaw, candidates, load_law
+from .loss import DESIGN_LAW, LossLaw, candidates, load_law
 from .shapes import ModelShape
 
 # Predefined shapes (layers, width): Table 9 (scaling-fit models, < 1.2B) and Table 7 (≥ 1.2B).
@@ -158,7 +158,7 @@ def recipe_grid(law: LossLaw, losses: Sequence[float], contexts: Sequence[int],
 def table(law: Optional[LossLaw] = None, losses: Sequence[float] = TABLE4_LOSSES,
           contexts: Sequence[int] = TABLE4_CONTEXTS, settings: Optional[RecipeSettings] = None) -> list[list[tuple[int, int]]]:
     """The optimal (n_h, n_kv) for each target loss (rows) and context (columns), like Table 4."""
-    law = law or load_law()
+    law = law or load_law(DESIGN_LAW)
     return recipe_grid(law, losses, contexts, settings).choices()
 
 
@@ -262,7 +262,7 @@ class Optimum:
 def optimize(target_loss: float, context: int, law: Optional[LossLaw] = None,
              settings: Optional[RecipeSettings] = None) -> Optimum:
     """The cost-optimal (N, n_h, n_kv, layers, width) for `target_loss` at expected context `context`."""
-    law = law or load_law()
+    law = law or load_law(DESIGN_LAW)
     s = settings or settings_of(law)
     if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context <= 0:
         raise ConfigError(f"context must be a positive number of tokens, not {context!r}")
