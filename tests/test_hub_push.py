@@ -46,7 +46,9 @@ def test_push_then_download_and_load(hub, verified):
     result = push(verified, "alice/stories-gqa")
     files = hub.files("alice/stories-gqa")
     assert MODEL_FILES <= set(files)
-    assert "gqa_convert.json" not in files  # holds local paths; the card carries what matters
+    # The conversion record is published, and it names no local path of the machine that made it.
+    record = files["gqa_convert.json"].decode()
+    assert json.loads(record)["new"]["n_kv"] == 4 and str(verified.parent) not in record and '"/' not in record
     repo = hub.state.repos["alice/stories-gqa"]
     assert len(repo.commits) == 2 and result.commit_oid == repo.branches["main"]  # creation + ONE upload commit
     assert sum(1 for m, p in hub.state.requests if p.endswith("/commit/main")) == 1
