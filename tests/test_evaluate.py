@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from conftest import STORIES_BIN, STORIES_TOK, need
 from test_llama2c import numpy_forward, read_llama2c_tokenizer, runc_encode
 
@@ -22,15 +21,6 @@ from gqa_convert.evaluate import (
 
 # Fixtures README: "mean token loss ≈ 1.38–1.44 on the first paragraphs (BOS-prefixed, ≤512 tokens)".
 DOCUMENTED_LOSS = (1.38, 1.44)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 260K-parameter model runs fastest on one thread; a second one only spins on a busy box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

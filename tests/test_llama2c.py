@@ -140,15 +140,6 @@ def numpy_forward(path, ids: list[int]) -> np.ndarray:
 # --- tests ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 260K-parameter model runs fastest on one thread; a second one only spins on a busy box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model_and_tok(stories_hf):
     from transformers import AutoModelForCausalLM, AutoTokenizer

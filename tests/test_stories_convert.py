@@ -25,14 +25,6 @@ pytestmark = pytest.mark.slow
 DOCUMENTED = {4: (1.38, 1.44), 2: (4.3, 4.5), 1: (4.9, 5.1)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def digest(folder) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
