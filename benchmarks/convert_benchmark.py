@@ -358,7 +358,7 @@ def main() -> int:
         run_child_main(args)
         return 0
 
-    from gqa_convert.checkpoint import parse_size
+    from gqa_convert.units import parse_size
 
     spec = spec_for(args.params, args.small)
     if args.small:

@@ -16,7 +16,6 @@ import errno
 import json
 import math
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
+from .units import parse_size
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -40,21 +40,6 @@ DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
-
-
-def parse_size(size: Union[int, str]) -> int:
-    """'5GB' -> 5e9 bytes (KB/MB/GB decimal, KiB/MiB/GiB binary, like transformers); ints pass."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), flags=re.I)
-    if not m:
-        raise ConfigError(f"max shard size {size!r} is not a size; use e.g. 5GB, 500MB or 2GiB")
-    unit = m.group(2).upper().rstrip("B")
-    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-    value = int(float(m.group(1)) * scale[unit])
-    if value <= 0:
-        raise ConfigError(f"max shard size must be positive, got {size!r}")
-    return value
 
 
 @dataclass(frozen=True)

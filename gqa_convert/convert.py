@@ -25,7 +25,8 @@ from torch import Tensor
 
 from . import __version__
 from .architectures import Family, get_family, head_shape, new_shape
-from .checkpoint import SAFE_INDEX, ShardWriter, TensorBytes, TensorReader, parse_size
+from .checkpoint import SAFE_INDEX, ShardWriter, TensorBytes, TensorReader
+from .units import parse_size
 from .errors import CheckpointError, ConfigError, InvalidHeadCountError, OutputError
 from .regroup import METHODS, HeadShape, LayerMethod, valid_kv_counts
 from .source import aliases, cache_dir, load_config, resolve_source

@@ -16,7 +16,6 @@ The two slices are disjoint, with a gap of 800 documents between them. stories26
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DataError, SourceNotFoundError
+from .train.data import split_text
 
 HELDOUT = slice(0, 200)  # evaluation documents of the TinyStories fixture
 TRAINING = slice(1000, None)  # training / uptraining / calibration documents
@@ -50,8 +50,7 @@ def split_paragraphs(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"cannot read documents from {path}: {err}; give a UTF-8 text file") from None
-    docs = [block.strip() for block in re.split(r"\n[ \t]*\n", text)]
-    docs = [d for d in docs if d]
+    docs = split_text(text)  # the one splitter, shared with uptraining's data reader
     if not docs:
         raise DataError(f"{path} holds no documents; expected blank-line-separated paragraphs")
     return docs

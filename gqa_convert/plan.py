@@ -17,15 +17,15 @@ are listed, marked as outside the paper (neither paper has a recipe for them), n
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from .errors import ConfigError, LawError
+from .fileio import write_bytes_atomic
 from .law.cost import cost_report, dtype_bytes
 from .law.loss import LossLaw, load_law
 from .law.recipe import settings_of
@@ -228,16 +228,12 @@ def write_plot(plan: Plan, path: Union[str, Path]) -> Path:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{plan.source or 'model'}: conversion options (law read as a delta)")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".png", dir=p.parent)
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fig.savefig(buf, format="png", dpi=110)
     finally:
         plt.close(fig)
+    write_bytes_atomic(p, buf.getvalue())
     return p
 
 

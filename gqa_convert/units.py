@@ -27,3 +27,18 @@ def parse_count(value: Union[int, float, str], *, what: str, binary_k: bool = Fa
     if number <= 0 or int(number) != number:
         raise ConfigError(f"{what} must be a positive whole number, not {value!r}")
     return int(number)
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """'5GB' -> 5e9 bytes (KB/MB/GB decimal, KiB/MiB/GiB binary, like transformers); ints pass."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), flags=re.I)
+    if not m:
+        raise ConfigError(f"max shard size {size!r} is not a size; use e.g. 5GB, 500MB or 2GiB")
+    unit = m.group(2).upper().rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    value = int(float(m.group(1)) * scale[unit])
+    if value <= 0:
+        raise ConfigError(f"max shard size must be positive, got {size!r}")
+    return value

@@ -489,25 +489,22 @@ def law_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def stories_kv2(stories_hf, val_text, law_file, tmp_path_factory) -> Path:
-    """stories260K mean-pooled 4 -> 2 KV heads, not uptrained, verified (it FAILS: loss ~4.4)."""
+def _converted_and_verified(stories_hf, val_text, law_file, folder: Path, kv_heads: int) -> Path:
     from gqa_convert.convert import convert_checkpoint
     from gqa_convert.verify import verify_model
 
-    out = tmp_path_factory.mktemp("kv2") / "stories260K-kv2"
-    convert_checkpoint(stories_hf, out, 2, progress=False)
-    verify_model(out, str(stories_hf), val_text, 512, law_path=law_file, documents=40)
-    return out
+    convert_checkpoint(stories_hf, folder, kv_heads, progress=False)
+    verify_model(folder, str(stories_hf), val_text, 512, law_path=law_file, documents=40)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def stories_kv2(stories_hf, val_text, law_file, tmp_path_factory) -> Path:
+    """stories260K mean-pooled 4 -> 2 KV heads, not uptrained, verified (it FAILS: loss ~4.4)."""
+    return _converted_and_verified(stories_hf, val_text, law_file, tmp_path_factory.mktemp("kv2") / "stories260K-kv2", 2)
 
 
 @pytest.fixture(scope="session")
 def stories_kv4_verified(stories_hf, val_text, law_file, tmp_path_factory) -> Path:
     """stories260K converted 4 -> 4 KV heads (identity): verification PASSES (delta 0, same loss)."""
-    from gqa_convert.convert import convert_checkpoint
-    from gqa_convert.verify import verify_model
-
-    out = tmp_path_factory.mktemp("kv4") / "stories260K-kv4"
-    convert_checkpoint(stories_hf, out, 4, progress=False)
-    verify_model(out, str(stories_hf), val_text, 512, law_path=law_file, documents=40)
-    return out
+    return _converted_and_verified(stories_hf, val_text, law_file, tmp_path_factory.mktemp("kv4") / "stories260K-kv4", 4)

@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_models import IDS_DEFAULT, logits, save_tiny, tiny_model
 
-from gqa_convert.checkpoint import ShardWriter, TensorReader, parse_size, write_safetensors
+from gqa_convert.checkpoint import ShardWriter, TensorReader, write_safetensors
+from gqa_convert.units import parse_size
 from gqa_convert.convert import convert_checkpoint
 from gqa_convert.errors import CheckpointError, ConfigError
 

@@ -14,8 +14,6 @@ A monomial is named by its letters: "1", "x", "y", "xx", "xy", "yyy", ...
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,6 +23,7 @@ import numpy as np
 import yaml
 
 from ..errors import ConfigError, LawError
+from ..fileio import write_text_atomic
 
 FORMAT = "gqa-convert-law/1"
 DEFAULT_LAW = "coefficients.yaml"
@@ -219,15 +218,8 @@ def save_law(law: LossLaw, path: Union[str, Path]) -> Path:
     """Write atomically: a temp file beside the target, renamed when complete."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.dump(law.to_dict(), f, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    text = yaml.dump(law.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
+    return write_text_atomic(p, text)
 
 
 def candidates(max_heads: int = 32) -> list[tuple[int, int]]:

@@ -36,7 +36,7 @@ def split_text(text: str) -> list[str]:
     if EOT in text:
         parts = text.split(EOT)
     else:
-        parts = re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n"))  # as evaluate.split_paragraphs
+        parts = re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n"))
     return [p.strip() for p in parts if p.strip()]
 
 
