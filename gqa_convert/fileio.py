@@ -9,20 +9,6 @@ from pathlib import Path
 from typing import Any, Union
 
 
-def write_text_atomic(path: Union[str, Path], text: str) -> Path:
-    """Write `text` to `path` so that readers see the old file or the new one, never a part."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_bytes_atomic(path: Union[str, Path], data: bytes) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -34,6 +20,11 @@ def write_bytes_atomic(path: Union[str, Path], data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: Union[str, Path], text: str) -> Path:
+    """Write `text` (UTF-8) so that readers see the old file or the new one, never a part."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: Union[str, Path], data: Any) -> Path:
