@@ -74,3 +74,4 @@ def test_verification_never_scores_training_documents(tmp_path):
     with pytest.raises(ConfigError, match="trained on"):
         load_recipe(_write(tmp_path, BASE + "uptrain: {enabled: true, data: d, steps: 3, heldout_docs: 50}\n"
                                            "verify: {heldout_docs: 200}\n"))
+

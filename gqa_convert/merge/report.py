@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
+
+from ..fileio import write_bytes_atomic
 
 
 def plot_report(report: dict, path: Path) -> Path:
@@ -32,13 +33,9 @@ def plot_report(report: dict, path: Path) -> Path:
     fig.suptitle(f"KV-head merge: {method} vs mean pooling ({report['summary']['calibration_tokens']} calibration tokens)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", prefix=f".{path.stem}-", dir=path.parent)
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        fig.savefig(buf, format="png", dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_bytes_atomic(path, buf.getvalue())
