@@ -12,16 +12,18 @@ that turns a layer's tensors into the canonical `regroup.AttentionBlock` and bac
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 import yaml
 from torch import Tensor
 
-from .errors import CheckpointError, UnsupportedModelError
+from .errors import CheckpointError, SourceNotFoundError, UnsupportedModelError
 from .regroup import AttentionBlock, HeadShape
 
 BLOCK_ROLES = ("q_w", "k_w", "v_w", "o_w", "q_b", "k_b", "v_b", "q_norm", "k_norm")
@@ -43,6 +45,7 @@ class Family:
     requires: tuple[dict, ...] = ()
     notes: str = ""
     layers_field: str = "num_hidden_layers"
+    q_heads_refused: str = ""  # why the query-head count cannot change ("" = it can)
 
     def n_layers(self, config: dict) -> int:
         return int(config[self.layers_field])
@@ -83,18 +86,40 @@ class Family:
         for role, name in self.layer_tensor_names(i).items():
             if name in shapes:
                 shape = shapes[name]
+                if role == "o_w":  # its columns are the query heads' outputs
+                    shape = (shape[0], new.n_heads * new.head_dim)
                 out[name] = (rows(role, shape[0], old, new), *shape[1:])
         return out
 
-    def updated_config(self, config: dict, new_kv: int) -> dict:
-        """A copy of config.json with only the KV-head count changed.
+    def updated_config(self, config: dict, new_kv: int, n_heads: Optional[int] = None) -> dict:
+        """A copy of config.json with the KV-head count (and, given n_heads, the query-head count) changed.
 
         head_dim, rope settings, sliding windows, tied embeddings and everything else are kept
         verbatim (the head size does not depend on the KV count, so nothing else needs writing).
+        A query-head change writes `head_dim` explicitly: the classes fall back to
+        hidden_size / num_attention_heads, which is no longer the head size.
         """
         out = copy.deepcopy(config)
         out[self.kv_field] = int(new_kv)
+        if n_heads is not None and int(n_heads) != int(config[self.heads_field]):
+            self.check_query_heads()
+            out["head_dim"] = head_shape(self, config).head_dim
+            out[self.heads_field] = int(n_heads)
         return out
+
+    def check_query_heads(self) -> None:
+        """UnsupportedModelError (one line, with the reason) when this family's class cannot hold
+        fewer query heads of the same size (a head_dim decoupled from hidden_size / heads)."""
+        if self.q_heads_refused:
+            raise UnsupportedModelError(
+                f"{self.name} cannot change its query-head count: {self.q_heads_refused}; "
+                f"families that can: {', '.join(n for n, f in families().items() if not f.q_heads_refused)}"
+            )
+
+    def o_proj_module(self) -> str:
+        """The output projection's module path inside a decoder layer ("self_attn.o_proj"), read
+        off the o_w tensor template: where the query-head calibration hooks its input."""
+        return self.tensors["o_w"].split("{i}.", 1)[1].rsplit(".", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -131,7 +156,9 @@ def _check_block(block: AttentionBlock, shape: HeadShape, where: str) -> None:
 
 
 def _split_separate(t: dict[str, Tensor], shape: HeadShape) -> AttentionBlock:
-    return AttentionBlock(**{role: t.get(role) for role in BLOCK_ROLES})
+    # Any: required roles are present (Family.split checks), optional ones may be None
+    roles: dict[str, Any] = {role: t.get(role) for role in BLOCK_ROLES}
+    return AttentionBlock(**roles)
 
 
 def _join_separate(block: AttentionBlock, shape: HeadShape) -> dict[str, Tensor]:
@@ -140,7 +167,10 @@ def _join_separate(block: AttentionBlock, shape: HeadShape) -> dict[str, Tensor]
 
 def _rows_separate(role: str, rows: int, old: HeadShape, new: HeadShape) -> int:
     per_kv = role in ("k_w", "v_w", "k_b", "v_b") or (role == "k_norm" and rows == old.n_kv * old.head_dim)
-    return rows // old.n_kv * new.n_kv if per_kv else rows
+    per_q = role in ("q_w", "q_b") or (role == "q_norm" and rows == old.n_heads * old.head_dim)
+    if per_kv:
+        return rows // old.n_kv * new.n_kv
+    return rows // old.n_heads * new.n_heads if per_q else rows
 
 
 # --- layout: fused contiguous [Q; K; V] (Phi-3) --------------------------------------------------
@@ -159,6 +189,7 @@ def _split_fused(t: dict[str, Tensor], shape: HeadShape) -> AttentionBlock:
 def _join_fused(block: AttentionBlock, shape: HeadShape) -> dict[str, Tensor]:
     out = {"qkv_w": torch.cat([block.q_w, block.k_w, block.v_w], dim=0), "o_w": block.o_w}
     if block.q_b is not None:
+        assert block.k_b is not None and block.v_b is not None  # fused biases come and go together
         out["qkv_b"] = torch.cat([block.q_b, block.k_b, block.v_b], dim=0)
     return out
 
@@ -192,6 +223,7 @@ def _join_grouped(block: AttentionBlock, shape: HeadShape) -> dict[str, Tensor]:
 
     out = {"qkv_w": fuse(block.q_w, block.k_w, block.v_w), "o_w": block.o_w}
     if block.q_b is not None:
+        assert block.k_b is not None and block.v_b is not None  # fused biases come and go together
         out["qkv_b"] = fuse(block.q_b, block.k_b, block.v_b)
     return out
 
@@ -238,6 +270,7 @@ def families() -> dict[str, Family]:
             head_dim_rule=f.get("head_dim", "config"),
             requires=tuple(f.get("requires", [])),
             notes=f.get("notes", ""),
+            q_heads_refused=" ".join(f.get("q_heads_refused", "").split()),
         )
         assert out[name].layout in LAYOUTS, f"architectures.yaml: unknown layout {out[name].layout}"
     return out
@@ -250,6 +283,22 @@ def unsupported_reasons() -> dict[str, str]:
 
 def supported_list() -> str:
     return ", ".join(families())
+
+
+def read_config(folder: Union[str, Path]) -> dict:
+    """config.json of a checkpoint folder as a dict: the package's one reader of config.json."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise SourceNotFoundError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({str(err)[:120]})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply to be a model config") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object of model settings")
+    return config
 
 
 def get_family(config: dict) -> Family:
@@ -302,5 +351,7 @@ def head_shape(family: Family, config: dict) -> HeadShape:
     return HeadShape(n_heads=n_heads, n_kv=n_kv, head_dim=head_dim, hidden=hidden)
 
 
-def new_shape(shape: HeadShape, new_kv: int) -> HeadShape:
-    return HeadShape(n_heads=shape.n_heads, n_kv=new_kv, head_dim=shape.head_dim, hidden=shape.hidden)
+def new_shape(shape: HeadShape, new_kv: int, n_heads: Optional[int] = None) -> HeadShape:
+    """The shape after a conversion: new KV count, optionally a new query-head count (same head_dim)."""
+    heads = shape.n_heads if n_heads is None else int(n_heads)
+    return HeadShape(n_heads=heads, n_kv=new_kv, head_dim=shape.head_dim, hidden=shape.hidden)

@@ -18,7 +18,6 @@ Metadata choices:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from importlib import resources
@@ -28,14 +27,17 @@ from typing import Any, Optional
 import yaml
 
 from . import __version__
-from .errors import CheckpointError, ConfigError
+from .architectures import read_config
+from .errors import CheckpointError, ConfigError, SourceNotFoundError
 from .fileio import write_text_atomic
+from .records import ConversionRecord, UptrainRecord, VerificationRecord
+from .settings import REPO_ID_PATTERN
 
 TEMPLATE = "model_card.md.j2"
 BASE_MODEL_RELATION = "finetune"
 TAGS = ["gqa", "gqa-convert", "grouped-query-attention", "text-generation"]
 HUB_CACHE_DIR = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/")
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+REPO_ID = re.compile(f"^{REPO_ID_PATTERN}$")
 
 
 # How each merge method made the new K/V heads, for the card (docs/merging.md has the details).
@@ -45,13 +47,6 @@ METHOD_LINES = {
     "optimal": "activation-optimal closed-form merge of contiguous K/V-head groups, "
                "the per-head maps absorbed into q_proj/o_proj (calibrated on held-in text)",
 }
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); re-run the step that wrote it") from None
 
 
 def source_repo_id(*candidates: Optional[str]) -> Optional[str]:
@@ -131,7 +126,7 @@ def _human_tokens(n: float) -> str:
 
 
 def build_metadata(
-    verification: Optional[dict],
+    verification: Optional[VerificationRecord],
     *,
     base_model: Optional[str],
     licence: dict[str, str],
@@ -142,29 +137,15 @@ def build_metadata(
     from huggingface_hub import EvalResult, ModelCardData
 
     results = []
-    if verification and verification.get("loss"):
-        loss, data = verification["loss"], verification.get("data", {})
-        common = dict(
-            task_type="text-generation", task_name="Causal language modeling",
-            dataset_type=data.get("dataset_id") or "text", dataset_name=data.get("name") or "held-out text",
-            dataset_split=data.get("selection"), verified=False,
-        )  # fmt: skip
-        results.append(
-            EvalResult(
-                metric_type="loss",
-                metric_name=f"loss at T={verification['context']}",
-                metric_value=round(float(loss["converted"]), 4),
-                **common,
-            )
-        )
-        results.append(
-            EvalResult(
-                metric_type="perplexity",
-                metric_name=f"perplexity at T={verification['context']}",
-                metric_value=round(float(loss["converted_perplexity"]), 4),
-                **common,
-            )
-        )
+    if verification is not None:
+        v, used = verification, verification.data
+        for kind, value in (("loss", v.loss.converted), ("perplexity", v.loss.converted_perplexity)):
+            results.append(EvalResult(
+                task_type="text-generation", task_name="Causal language modeling",
+                dataset_type=used.dataset_id or "text", dataset_name=used.name or "held-out text",
+                dataset_split=used.selection, verified=False,
+                metric_type=kind, metric_name=f"{kind} at T={v.context}", metric_value=round(float(value), 4),
+            ))
     data = ModelCardData(
         base_model=base_model,
         base_model_relation=BASE_MODEL_RELATION if base_model else None,
@@ -174,61 +155,31 @@ def build_metadata(
         datasets=datasets or None,
         model_name=model_name,
         eval_results=results or None,
-        **licence,
+        **licence,  # type: ignore[arg-type]  # license, license_name, license_link: all str
     )
     meta = data.to_dict()
     return {k: v for k, v in meta.items() if v is not None}
 
 
-UPTRAIN_SKIP = {
-    "output",
-    "progress",
-    "resume",
-    "save_every",
-    "losses",
-    "history",
-    "metrics",
-    "log",
-    "gradient_checkpointing",
-    "attn",
-}
+# Settings that do not change what the model learned: not listed on the card.
+UPTRAIN_SKIP = {"save_every", "gradient_checkpointing", "attn", "seed"}
 
 
-def read_uptraining(model_dir: Path) -> Optional[dict]:
-    """The uptraining settings and result of a folder written by `gqa-convert uptrain`, else None.
-
-    Reads uptrain_config.json + result.json (or a single uptrain.json); local paths are reduced to
-    their names, since the record is published.
-    """
-    model_dir = Path(model_dir)
-    parts = [_read_json(model_dir / n) for n in ("uptrain.json", "uptrain_config.json", "result.json")]
-    if not any(parts):
-        return None
-    merged: dict = {}
-    for part in parts:
-        merged.update(part or {})
-    out = {}
-    for k, v in merged.items():
-        if k in UPTRAIN_SKIP or v is None:
-            continue
-        if isinstance(v, str) and (v.startswith(("/", "~", "./")) or Path(v).exists()):
-            v = Path(v).name
-        out[k] = v
-    return out
-
-
-def _uptraining_rows(up: dict) -> list[tuple[str, str]]:
-    """Flat (setting, value) rows of uptrain.json, long lists and nested dicts shortened."""
+def _uptraining_rows(up: UptrainRecord) -> list[tuple[str, str]]:
+    """Flat (setting, value) rows: what the run did, then the settings it ran with."""
     rows = []
-    for k, v in up.items():
-        if k in ("history", "metrics", "losses", "log"):
+    done = {"steps": up.steps, "tokens": up.tokens, "final loss": up.final_loss, "context": up.context,
+            "data": up.data, "held-out documents": up.heldout_docs, "training from document": up.train_start}
+    settings = {k: v for k, v in up.settings.items() if k not in ("steps", "heldout_docs", "train_start")}
+    if not settings.get("lora"):
+        settings.pop("lora_rank", None)
+    for k, v in [*done.items(), *settings.items()]:
+        if v is None or v is False or k in UPTRAIN_SKIP:
             continue
-        if isinstance(v, dict):
-            v = ", ".join(f"{a}={b}" for a, b in v.items() if not isinstance(b, (list, dict)))
-        elif isinstance(v, float):
+        if isinstance(v, float):
             v = f"{v:.4g}"
-        elif isinstance(v, list):
-            v = f"{len(v)} entries" if len(v) > 8 else ", ".join(map(str, v))
+        elif isinstance(v, (list, tuple)):
+            v = ", ".join(map(str, v))
         rows.append((str(k), str(v).replace("|", "\\|")))
     return rows
 
@@ -241,52 +192,52 @@ def render_card(
     repo_id: Optional[str] = None,
     reproduce: Optional[str] = None,
     title: Optional[str] = None,
+    license: Optional[str] = None,
 ) -> str:
     """The card's text for `model_dir` (README.md content), from the template and the run's records."""
     import jinja2
 
     model_dir = Path(model_dir)
-    config = _read_json(model_dir / "config.json")
-    if config is None:
-        raise CheckpointError(f"{model_dir} has no config.json: pass a converted model folder")
-    ver = _read_json(model_dir / "verification.json")
-    record = _read_json(model_dir / "gqa_convert.json") or {}
-    up = read_uptraining(model_dir)
+    try:
+        config = read_config(model_dir)
+    except SourceNotFoundError:
+        raise CheckpointError(f"{model_dir} has no config.json: pass a converted model folder") from None
+    ver = VerificationRecord.read(model_dir)
+    record = ConversionRecord.read(model_dir) or ConversionRecord()
+    up = UptrainRecord.read(model_dir)
 
-    source_spec = (ver or {}).get("source") or record.get("source")
-    source_path = (ver or {}).get("source_path") or record.get("source_path")  # only when a caller records one
-    base = (
-        base_model
-        or (ver or {}).get("source_id")
-        or source_repo_id(record.get("source_repo"), source_spec, source_path)
-    )
-    licence = (ver or {}).get("source_licence") or source_licence(Path(source_path) if source_path else None, base)
+    source_spec = ver.source if ver else record.source
+    source_path = (ver.source_path if ver else None) or record.source_path  # only when a caller records one
+    base = base_model or (ver.source_id if ver else None) or source_repo_id(record.source_repo, source_spec, source_path)
+    licence = (ver.source_licence if ver else None) or source_licence(Path(source_path) if source_path else None, base)
+    if license:
+        licence = {"license": license}
 
     from .law.shapes import shape_from_config
 
     new = shape_from_config(config)
-    old_heads = (ver or {}).get("heads", {}).get("source") or record.get("old") or {}
+    old_heads = ver.heads["source"] if ver else record.old
     old = {
-        "n_heads": old_heads.get("n_heads", new.n_heads),
-        "n_kv": old_heads.get("n_kv", new.n_kv),
-        "head_dim": old_heads.get("head_dim", new.head_dim),
+        "n_heads": old_heads.n_heads if old_heads else new.n_heads,
+        "n_kv": old_heads.n_kv if old_heads else new.n_kv,
+        "head_dim": old_heads.head_dim if old_heads else new.head_dim,
     }
-    src_params = (ver or {}).get("params", {}).get("source_non_embedding")
+    src_params = ver.params.source_non_embedding if ver else None
     if src_params is None and old_heads:
         src_params = new.with_heads(old["n_heads"], old["n_kv"]).non_embedding_params
     ctx: dict[str, Any] = {
-        "title": repo_id.split("/")[-1] if repo_id else (title or model_dir.name),
+        "title": title or (repo_id.split("/")[-1] if repo_id else model_dir.name),
         "old": old,
         "new": {"n_heads": new.n_heads, "n_kv": new.n_kv, "head_dim": new.head_dim},
         "params": {"source": f"{src_params:,}" if src_params else "n/a", "converted": f"{new.non_embedding_params:,}"},
         "source_line": f"[{base}](https://huggingface.co/{base})"
         if base
         else f"`{_local_name(source_spec)}` (a local checkpoint)",
-        "method_line": METHOD_LINES.get(record.get("method", "mean"), f"{record.get('method')} merge"),
+        "method_line": METHOD_LINES.get(record.method, f"{record.method} merge"),
         "repo_hint": repo_id or "REPO_ID",
         "verified": ver is not None,
-        "passed": bool(ver and ver.get("passed")),
-        "reasons": (ver or {}).get("reasons") or ([] if ver else ["no verification.json: run `gqa-convert verify`"]),
+        "passed": bool(ver and ver.passed),
+        "reasons": ver.reasons if ver else ["no verification.json: run `gqa-convert verify`"],
         "licence_line": licence.get("license_name") or licence.get("license", "unknown"),
         "plots": sorted(
             p.relative_to(model_dir).as_posix()
@@ -296,109 +247,65 @@ def render_card(
         "loss": None,
         "uptraining": None,
     }
-    if ver and ver.get("costs"):
-        c = ver["costs"]
-        kv, fl = c["kv_cache_bytes"], c["flops_per_token"]
-        worst = max(abs(x[w]["rel_error"]) for x in (kv, fl) for w in ("source", "converted") if w in x)
+    if ver:
+        c = ver.costs
+        kv, fl = c.kv_cache_bytes, c.flops_per_token
+        worst = max(abs(row.rel_error) for pair in (kv, fl) for row in (pair.source, pair.converted))
         ctx["costs"] = {
-            "context": ver["context"], "dtype": c.get("dtype", "model dtype"),
-            "kv_source": _gb(kv["source"]["measured"]), "kv_converted": _gb(kv["converted"]["measured"]),
-            "kv_saving": _saving(kv["source"]["measured"], kv["converted"]["measured"]),
-            "flops_source": _flops(fl["source"]["measured"]), "flops_converted": _flops(fl["converted"]["measured"]),
-            "flops_saving": _saving(fl["source"]["measured"], fl["converted"]["measured"]),
-            "worst_error": f"{100 * worst:.2f}%", "limit": f"{100 * c.get('limit', 0.02):.3g}%",
+            "context": ver.context, "dtype": c.dtype,
+            "kv_source": _gb(kv.source.measured), "kv_converted": _gb(kv.converted.measured),
+            "kv_saving": _saving(kv.source.measured, kv.converted.measured),
+            "flops_source": _flops(fl.source.measured), "flops_converted": _flops(fl.converted.measured),
+            "flops_saving": _saving(fl.source.measured, fl.converted.measured),
+            "worst_error": f"{100 * worst:.2f}%", "limit": f"{100 * c.limit:.3g}%",
         }  # fmt: skip
-    if ver and ver.get("loss"):
-        lo, data = ver["loss"], ver.get("data", {})
+        lo, data = ver.loss, ver.data
         ctx["loss"] = {
-            "data": f"{data.get('name', 'text')} ({data.get('selection', '')})", "tokens": f"{data.get('tokens', 0):,}",
-            "context": ver["context"],
-            "source": f"{lo['source']:.4f}", "source_ppl": _ppl(lo["source"]),
-            "delta": f"{lo['delta']:+.4f}", "predicted": f"{lo['predicted']:.4f}", "predicted_ppl": _ppl(lo["predicted"]),
-            "tolerance": f"{lo['tolerance']:.3g}", "limit": f"{lo['limit']:.4f}", "limit_ppl": _ppl(lo["limit"]),
-            "converted": f"{lo['converted']:.4f}", "converted_ppl": _ppl(lo["converted"]),
-            "law": lo.get("law", "the shipped default"), "notes": " ".join(lo.get("notes") or []),
+            "data": f"{data.name} ({data.selection})", "tokens": f"{data.tokens:,}",
+            "context": ver.context,
+            "source": f"{lo.source:.4f}", "source_ppl": _ppl(lo.source),
+            "delta": f"{lo.delta:+.4f}", "predicted": f"{lo.predicted:.4f}", "predicted_ppl": _ppl(lo.predicted),
+            "tolerance": f"{lo.tolerance:.3g}", "limit": f"{lo.limit:.4f}", "limit_ppl": _ppl(lo.limit),
+            "converted": f"{lo.converted:.4f}", "converted_ppl": _ppl(lo.converted),
+            "law": lo.law, "notes": " ".join(lo.notes),
         }  # fmt: skip
     if up:
-        tokens = up.get("tokens") or up.get("train_tokens") or 0
         ctx["uptraining"] = {
-            "tokens_human": _human_tokens(float(tokens)) if tokens else "its",
+            "tokens_human": _human_tokens(float(up.tokens)) if up.tokens else "its",
             "rows": _uptraining_rows(up),
         }
     if not datasets:
-        up_data = (up or {}).get("data")
-        datasets = [
-            d
-            for d in [
-                (up or {}).get("dataset_id"),
-                (ver or {}).get("data", {}).get("dataset_id"),
-                up_data if isinstance(up_data, str) and REPO_ID.match(up_data) else None,
-            ]
-            if d
-        ]
+        candidates = [up.dataset_id if up else None, ver.data.dataset_id if ver else None,
+                      up.data if up and up.data and REPO_ID.match(up.data) else None]
+        datasets = [d for d in candidates if d]
     metadata = build_metadata(
         ver, base_model=base, licence=licence, datasets=sorted(set(datasets)), model_name=ctx["title"]
     )
     ctx["metadata_yaml"] = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True, width=100)
     ctx["reproduce"] = reproduce or _reproduce(ver, record, up, model_dir)
-    ctx["versions"] = ", ".join(
-        f"{k} {v}" for k, v in ((ver or {}).get("versions") or {"gqa-convert": __version__}).items()
-    )
+    ctx["versions"] = ", ".join(f"{k} {v}" for k, v in ((ver.versions if ver else None) or {"gqa-convert": __version__}).items())
 
-    template = resources.files("gqa_convert").joinpath("templates", TEMPLATE).read_text()
+    template = (resources.files("gqa_convert") / "templates" / TEMPLATE).read_text()
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     return re.sub(r"\n{3,}", "\n\n", env.from_string(template).render(**ctx))
 
 
-UPTRAIN_FLAGS = (
-    "data",
-    "context",
-    "tokens",
-    "steps",
-    "alpha",
-    "lr",
-    "batch_size",
-    "grad_accum",
-    "train",
-    "train_start",
-    "heldout_docs",
-    "distill_from",
-    "distill_weight",
-    "lora",
-    "seed",
-)
-
-
-def _uptrain_command(up: dict, output: str) -> str:
-    """`gqa-convert uptrain ...` rebuilt from the recorded settings (budget from the config, not the result)."""
-    parts = ["gqa-convert uptrain", str(up.get("model", "MODEL"))]
-    budget = [k for k in ("steps", "tokens", "alpha") if up.get(k) is not None][:1]
-    for key in UPTRAIN_FLAGS:
-        value = up.get(key)
-        if value is None or value is False or (key in ("steps", "tokens", "alpha") and key not in budget):
-            continue
-        if key == "distill_weight" and not up.get("distill_from"):
-            continue
-        flag = "--" + key.replace("_", "-")
-        parts.append(flag if value is True else f"{flag} {value}")
-    return " ".join(parts + [f"--output {output}"])
-
-
-def _reproduce(ver: Optional[dict], record: dict, up: Optional[dict], model_dir: Path) -> str:
+def _reproduce(ver: Optional[VerificationRecord], record: ConversionRecord, up: Optional[UptrainRecord],
+               model_dir: Path) -> str:
     """The commands that rebuild this folder, from the recorded steps."""
     lines = []
-    src = record.get("source") or (ver or {}).get("source") or "SOURCE"
+    src = record.source if record.source != "unknown" else (ver.source if ver else "SOURCE")
     if source_repo_id(src) is None:
         src = _local_name(src)
-    converted = (up or {}).get("model") or model_dir.name
-    new = record.get("new") or (ver or {}).get("heads", {}).get("converted") or {}
-    if record or ver:
-        method = record.get("method", "mean")
-        lines.append(f"gqa-convert convert {src} --kv-heads {new.get('n_kv', 'N')} --method {method} -o {converted}")
-    if up:
-        lines.append(up.get("command") or _uptrain_command(up, model_dir.name))
-    if ver and ver.get("command"):
-        lines.append(str(ver["command"]))
+    converted = (up.model if up else None) or model_dir.name
+    new = record.new or (ver.heads["converted"] if ver else None)
+    if record.new or ver:
+        lines.append(f"gqa-convert convert {src} --kv-heads {new.n_kv if new else 'N'} --method {record.method} "
+                     f"-o {converted}")
+    if up and up.command:
+        lines.append(up.command)
+    if ver and ver.command:
+        lines.append(ver.command)
     return "\n".join(lines) or f"# no recorded steps in {model_dir.name}"
 
 
@@ -423,9 +330,11 @@ def write_model_card(
     repo_id: Optional[str] = None,
     reproduce: Optional[str] = None,
     title: Optional[str] = None,
+    license: Optional[str] = None,
 ) -> Path:
     """Render and write MODEL_DIR/README.md atomically (after checking its metadata parses); return its path."""
     model_dir = Path(model_dir)
-    text = render_card(model_dir, base_model=base_model, datasets=datasets, repo_id=repo_id, reproduce=reproduce, title=title)
+    text = render_card(model_dir, base_model=base_model, datasets=datasets, repo_id=repo_id, reproduce=reproduce,
+                       title=title, license=license)
     check_card_text(text)
     return write_text_atomic(model_dir / "README.md", text)

@@ -19,7 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import BinaryIO, Iterator, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -76,7 +76,7 @@ class TensorReader:
         self.pickle = False
         self._loaded: tuple[Optional[str], dict] = (None, {})
         if (self.folder / SAFE_INDEX).exists():
-            self.weight_map = _read_index(self.folder / SAFE_INDEX)
+            self.weight_map: Optional[dict[str, str]] = _read_index(self.folder / SAFE_INDEX)
         elif (self.folder / SAFE_SINGLE).exists():
             self.weight_map = None
         elif (self.folder / PICKLE_INDEX).exists() or (self.folder / PICKLE_SINGLE).exists():
@@ -158,7 +158,9 @@ class TensorReader:
             return out
         if f not in self._fds:
             self._fds[f] = os.open(self.folder / f, os.O_RDONLY)
-        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        assert start is not None  # every safetensors tensor has an offset; only pickle ones lack it
+        # numpy's stubs declare the buffer protocol (__buffer__) only for Python >= 3.12
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
         got = os.preadv(self._fds[f], [buf], start)
         if got != n:
             raise CheckpointError(f"{self.folder / f} ended early while reading {name}; the file is truncated")
@@ -234,7 +236,8 @@ def _header_bytes(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metad
 def _write_data(fh, t: Tensor) -> None:
     t = t.detach().cpu().contiguous()
     if t.numel():
-        fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        # numpy's stubs declare the buffer protocol (__buffer__) only for Python >= 3.12
+        fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
 
 
 def _write_all(fd: int, data) -> None:
@@ -340,13 +343,13 @@ class ShardWriter:
         self.shards: list[list[str]] = []  # tensor names per shard
         self.total_size = 0
         self.max_pending = 0  # most tensor bytes held at once (for the peak-memory claim)
-        self.plan = None
+        self.plan: Optional[list[tuple[str, torch.dtype, tuple[int, ...]]]] = None
         self.copier = RangeCopier()
         if plan is not None:
             self.plan = list(plan)
             self._groups = self._assign(self.plan)
             self._next = 0  # index into plan
-            self._fh = None
+            self._fh: Optional[BinaryIO] = None
 
     def _assign(self, plan) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
         """Greedy shard assignment, the same rule as the accumulating mode."""
@@ -406,6 +409,7 @@ class ShardWriter:
 
     def _open_planned(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> int:
         """Check the tensor is the plan's next one; the fd of its shard (opened with its header)."""
+        assert self.plan is not None  # callers (add, add_raw) have checked the writer is planned
         if self._next >= len(self.plan):
             raise CheckpointError(f"tensor {name} was not in the write plan")
         want = self.plan[self._next]
@@ -426,6 +430,7 @@ class ShardWriter:
         self.shards[-1].append(name)
         self._next += 1
         if len(self.shards[-1]) == len(self._groups[len(self.shards) - 1]):
+            assert self._fh is not None  # opened by _open_planned for this shard
             size = os.fstat(self._fh.fileno()).st_size
             self._fh.close()
             self._fh = None

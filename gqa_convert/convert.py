@@ -3,7 +3,8 @@
     source folder --TensorReader--> one layer's attention tensors --split--> AttentionBlock
         --method (mean pool, ...)--> AttentionBlock(new_kv) --join--> ShardWriter --> temp folder
     every other tensor is copied unchanged, file to file (os.copy_file_range: never loaded, the
-    bytes kept exactly); then config.json (KV field only), tokenizer,
+    bytes kept exactly); then config.json (KV field only; with q_heads also the query-head count
+    and an explicit head_dim: docs/query-heads.md), tokenizer,
     generation config, licence and gqa_convert.json; the temp folder is renamed into place last.
 
 Everything that can be checked is checked before the first byte is written: the family, the
@@ -25,10 +26,11 @@ from torch import Tensor
 
 from . import __version__
 from .architectures import Family, get_family, head_shape, new_shape
+from .records import ConversionRecord, HeadLayout
 from .checkpoint import SAFE_INDEX, ShardWriter, TensorBytes, TensorReader
 from .units import parse_size
 from .errors import CheckpointError, ConfigError, InvalidHeadCountError, OutputError
-from .regroup import METHODS, HeadShape, LayerMethod, valid_kv_counts
+from .regroup import METHODS, HeadShape, LayerMethod, valid_kv_counts, valid_q_counts
 from .source import aliases, cache_dir, load_config, resolve_source
 
 # Files of a source folder that are never copied: weights (rewritten), the config (rewritten),
@@ -53,6 +55,7 @@ class ConvertResult:
     weight_files: list[str] = field(default_factory=list)
     peak_tensor_bytes: int = 0  # most tensor bytes the writer held at once
     report: dict[int, Any] = field(default_factory=dict)  # per layer, filled by a merge method
+    query_heads: Optional[Any] = None  # merge.qheads.QueryHeadReport when the query heads changed
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -124,6 +127,8 @@ def convert_checkpoint(
     token: Optional[str] = None,
     calib_data: Any = None,
     calib_tokens: Optional[int] = None,
+    q_heads: Optional[int] = None,
+    q_method: str = "merge",
 ) -> ConvertResult:
     """Convert SOURCE to a checkpoint with `kv_heads` KV heads, written to OUTPUT.
 
@@ -143,6 +148,12 @@ def convert_checkpoint(
         calib_data: calibration text for align/optimal: a file, folder, dataset name, or an
             iterable of documents.
         calib_tokens: calibration token budget.
+        q_heads: new query-head count (None = unchanged; docs/query-heads.md). Must divide the old
+            count and be a multiple of kv_heads: every new KV group keeps q_heads / kv_heads query
+            heads. The written config gets `head_dim` explicitly. Needs calib_data when it changes.
+        q_method: "merge" (keep heads and refit o_proj by least squares on the calibration
+            activations) or "prune" (keep the heads of largest measured contribution, o_proj's
+            columns as they were).
     Returns:
         ConvertResult.
     Raises:
@@ -167,6 +178,7 @@ def convert_checkpoint(
             f"{kv_heads} KV heads is not reachable from {old.n_kv} KV heads ({old.n_heads} query heads): "
             f"valid_kv_counts are {valid_kv_counts(old.n_heads, old.n_kv)}"
         )
+    n_q = _check_q_heads(family, old, kv_heads, q_heads, q_method, calib_data)
     check_output(output, src, overwrite)
     if isinstance(method, str) and method not in METHODS:
         _merge_module(method)  # fail now, not after a download
@@ -180,7 +192,8 @@ def convert_checkpoint(
         calib_tokens=calib_tokens,
         cache_dir=cache_dir(),
     )
-    new = new_shape(old, kv_heads)
+    reducer = _query_reducer(q_method, old, n_q, src, calib_data, calib_tokens)  # calibrates: before any write
+    new = new_shape(old, kv_heads, n_q)
     reader = TensorReader(src, allow_pickle=allow_pickle)
     layers = _layer_of_names(family, family.n_layers(config), reader)
     result = ConvertResult(output=output, family=family.name, old_shape=old, new_shape=new, method=name)
@@ -191,9 +204,10 @@ def convert_checkpoint(
     try:
         if isinstance(method, str) and hasattr(fn, "plot_path"):  # a named merge: its error plot ships with the model
             fn.plot_path = tmp / MERGE_PLOT
-        _write_weights(reader, family, layers, old, new, fn, max_bytes, tmp, result, progress)
+        layer_fn = fn if reducer is None else reducer.then(fn)  # query heads first, then the KV method
+        _write_weights(reader, family, layers, old, new, layer_fn, max_bytes, tmp, result, progress)
         _copy_side_files(src, tmp)
-        (tmp / "config.json").write_text(json.dumps(family.updated_config(config, kv_heads), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(family.updated_config(config, kv_heads, n_q), indent=2) + "\n")
         if isinstance(getattr(fn, "report", None), dict):
             result.report = dict(fn.report)
             summary = result.report.get("summary")
@@ -201,20 +215,20 @@ def convert_checkpoint(
                 summary["plot"] = MERGE_PLOT  # relative: the folder is renamed into place
             if isinstance(summary, dict) and summary.get("calibration_cache"):
                 summary["calibration_cache"] = Path(summary["calibration_cache"]).name  # no local paths published
-        record = {
-            "tool": "gqa-convert",
-            "version": __version__,
+        ConversionRecord(
+            version=__version__,
             # a hub id or alias as given; for a local folder only its name (no local paths published)
-            "source": Path(str(source)).name if local else str(source),
-            "source_repo": aliases()[str(source)].repo if str(source) in aliases() else None,
-            "revision": revision,
-            "family": family.name,
-            "old": asdict(old),
-            "new": asdict(new),
-            "method": name,
-            "report": {str(k): v for k, v in result.report.items()},
-        }
-        (tmp / "gqa_convert.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+            source=Path(str(source)).name if local else str(source),
+            source_repo=aliases()[str(source)].repo if str(source) in aliases() else None,
+            revision=revision,
+            family=family.name,
+            old=HeadLayout(**asdict(old)),
+            new=HeadLayout(**asdict(new)),
+            method=name,
+            report=json.loads(json.dumps({str(k): v for k, v in result.report.items()}, default=str)),
+            query_heads=None if reducer is None else reducer.report.to_dict(),
+        ).write(tmp)
+        result.query_heads = None if reducer is None else reducer.report
         _move_into_place(tmp, output, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -227,6 +241,37 @@ def convert_checkpoint(
     finally:
         reader.close()
     return result
+
+
+def _check_q_heads(
+    family: Family, old: HeadShape, kv_heads: int, q_heads: Optional[int], q_method: str, calib_data: Any
+) -> int:
+    """The new query-head count after every check that needs no weights (one-line errors)."""
+    if q_heads is None or q_heads == old.n_heads:
+        return old.n_heads
+    valid = valid_q_counts(old.n_heads, kv_heads)
+    if not isinstance(q_heads, int) or isinstance(q_heads, bool) or q_heads not in valid:
+        raise InvalidHeadCountError(
+            f"{q_heads} query heads is not reachable from {old.n_heads} query heads with {kv_heads} KV heads: "
+            f"it must divide {old.n_heads} and be a multiple of {kv_heads}; valid_q_counts are {valid}"
+        )
+    family.check_query_heads()
+    if q_method not in ("prune", "merge"):
+        raise ConfigError(f"unknown query-head method {q_method!r}; choose one of prune, merge")
+    if calib_data is None:
+        raise ConfigError(
+            f"q_heads {q_heads} ({q_method}) needs calibration text to measure the heads: pass calib_data (--calib-data)"
+        )
+    return q_heads
+
+
+def _query_reducer(q_method: str, old: HeadShape, n_q: int, src: Path, calib_data: Any, calib_tokens: Optional[int]):
+    """A merge.qheads.QueryHeadReducer (calibrated) when the query heads change, else None."""
+    if n_q == old.n_heads:
+        return None
+    return _merge_module(q_method).build_query_reducer(
+        q_method, n_q, source_dir=src, calib_data=calib_data, calib_tokens=calib_tokens, cache_dir=cache_dir()
+    )
 
 
 def _missing_parents(output: Path) -> list[Path]:
@@ -388,91 +433,3 @@ def _move_into_place(tmp: Path, output: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, output)
-
-
-# --- command line ---------------------------------------------------------------------------------
-
-
-def register(sub) -> None:
-    p = sub.add_parser(
-        "convert",
-        help="regroup a checkpoint's KV heads into fewer (mean pooling or a calibrated merge)",
-        description="Write a copy of SOURCE with --kv-heads KV heads. SOURCE: folder, alias, hub id or llama2.c .bin.",
-    )
-    p.add_argument("source", metavar="SOURCE", help="checkpoint folder, alias (see `gqa-convert models`) or hub id")
-    p.add_argument("--kv-heads", required=True, help="new KV-head count (must divide the old one), or 'auto'")
-    p.add_argument("--output", "-o", required=True, type=Path, help="folder to create")
-    p.add_argument("--method", default="auto",
-                   help="mean | align | optimal | auto (default: optimal with --calib-data, else mean)")
-    p.add_argument("--calib-data", default=None, help="calibration text for align/optimal: file, folder or HF dataset name")
-    p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens for calibrated merges")
-    p.add_argument("--context", type=int, default=None, help="context length for --kv-heads auto")
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--allow-pickle", action="store_true", help="read pickle .bin weights (weights_only)")
-    p.add_argument("--revision", default=None, help="hub branch, tag or commit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=_cmd_convert)
-
-    m = sub.add_parser("models", help="list the model aliases convert accepts")
-    m.add_argument("--json", action="store_true", help="print as JSON")
-    m.set_defaults(func=_cmd_models)
-
-
-def _kv_heads_arg(args) -> int:
-    if str(args.kv_heads).lower() == "auto":
-        if not args.context:
-            raise ConfigError("--kv-heads auto needs --context (the serving context length in tokens)")
-        try:
-            from .plan import recommend_kv_heads
-        except ImportError:
-            raise ConfigError(
-                "--kv-heads auto needs the planner (gqa_convert.plan), not available yet; pass a number"
-            ) from None
-        src = resolve_source(args.source, revision=args.revision, config_only=True)
-        return int(recommend_kv_heads(src, args.context))
-    try:
-        return int(args.kv_heads)
-    except ValueError:
-        raise ConfigError(f"--kv-heads must be a whole number or 'auto', got {args.kv_heads!r}") from None
-
-
-def _cmd_convert(args) -> int:
-    result = convert_checkpoint(
-        args.source,
-        args.output,
-        _kv_heads_arg(args),
-        method=args.method,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle,
-        progress=not (args.no_progress or args.json),
-        revision=args.revision,
-        token=os.environ.get("HF_TOKEN") or None,
-        calib_data=args.calib_data,
-        calib_tokens=args.calib_tokens,
-    )
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2, default=str))
-    else:
-        o, n = result.old_shape, result.new_shape
-        print(
-            f"wrote {result.output}: {result.family}, KV heads {o.n_kv} -> {n.n_kv} ({o.n_heads} query heads, "
-            f"head_dim {o.head_dim}), method {result.method}; {result.tensors_changed} tensors regrouped, "
-            f"{result.tensors_copied} copied, {result.bytes_written / 1e6:.1f} MB in {len(result.weight_files)} file(s)"
-        )
-    return 0
-
-
-def _cmd_models(args) -> int:
-    rows = list(aliases().values())
-    if args.json:
-        print(json.dumps([asdict(a) for a in rows], indent=2))
-        return 0
-    print(f"{'alias':<17} {'repo':<36} {'family':<11} {'heads':>5} {'kv':>4} {'pretrain tokens':>15}  licence")
-    for a in rows:
-        tokens = f"{a.pretraining_tokens / 1e12:g}T" if a.pretraining_tokens else "unknown"
-        heads = f"{a.heads or '?':>5} {a.kv_heads or '?':>4}"
-        print(f"{a.name:<17} {a.repo:<36} {a.family:<11} {heads} {tokens:>15}  {a.licence or '?'}")
-    return 0

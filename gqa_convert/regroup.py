@@ -10,7 +10,7 @@ r = n_heads / n_kv, so a regrouping pools contiguous runs of old KV heads.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, TypeGuard
 
 import torch
 from torch import Tensor
@@ -78,8 +78,8 @@ def mean_pool(layer: int, block: AttentionBlock, shape: HeadShape, new_kv: int) 
         k_norm = pool_heads(k_norm, shape.n_kv, new_kv)
     return replace(
         block,
-        k_w=pool(block.k_w),
-        v_w=pool(block.v_w),
+        k_w=pool_heads(block.k_w, shape.n_kv, new_kv),
+        v_w=pool_heads(block.v_w, shape.n_kv, new_kv),
         k_b=pool(block.k_b),
         v_b=pool(block.v_b),
         k_norm=k_norm,
@@ -87,3 +87,60 @@ def mean_pool(layer: int, block: AttentionBlock, shape: HeadShape, new_kv: int) 
 
 
 METHODS: dict[str, LayerMethod] = {"mean": mean_pool}
+
+
+# --- query heads ---------------------------------------------------------------------------------
+
+
+def valid_q_counts(n_heads: int, new_kv: int) -> list[int]:
+    """Query-head counts reachable with new_kv KV heads: divisors of n_heads that new_kv divides
+    (every new KV group keeps the same number of query heads)."""
+    return [n for n in range(new_kv, n_heads + 1, new_kv) if n_heads % n == 0]
+
+
+def head_rows(heads: Sequence[int], head_dim: int) -> Tensor:
+    """Row indices of the given heads in a head-major projection."""
+    return (torch.tensor(list(heads), dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def keep_query_heads(block: AttentionBlock, shape: HeadShape, keep: Sequence[int], o_w: Tensor) -> tuple[AttentionBlock, HeadShape]:
+    """The block with only the query heads `keep` (ascending), o_proj = o_w [hidden, len(keep)*d_h],
+    and its shape. Function-preserving for the kept heads: each still reads the keys and values it read.
+
+    KV heads: when every old KV head is still read by the same number of kept heads, they stay as
+    they are (the kept heads are contiguous groups again, shape (len(keep), n_kv)). Otherwise each
+    kept head gets its own copy of the KV head it reads (an equivalent multi-head block, shape
+    (len(keep), len(keep))): a later KV regrouping then pools KV heads in proportion to the query
+    heads that still read them, and one nobody reads any more is dropped.
+    q_norm/k_norm over head_dim (shared by all heads) are carried as they are; whole-projection
+    norms are sliced with their heads.
+    """
+    d, r, n = shape.head_dim, shape.group_size, len(keep)
+    if list(keep) != sorted(set(keep)) or not keep or keep[-1] >= shape.n_heads:
+        raise ValueError(f"keep must be ascending distinct query heads below {shape.n_heads}, got {list(keep)}")
+    q = head_rows(keep, d)
+    out = replace(
+        block,
+        q_w=block.q_w[q],
+        q_b=None if block.q_b is None else block.q_b[q],
+        o_w=o_w.to(block.o_w.dtype),
+        q_norm=block.q_norm[q] if _whole(block.q_norm, shape.n_heads * d) else block.q_norm,
+    )
+    readers = [h // r for h in keep]
+    counts = [readers.count(j) for j in range(shape.n_kv)]
+    if len(set(counts)) == 1:  # uniform (and nonzero: n > 0): KV untouched
+        return out, HeadShape(n_heads=n, n_kv=shape.n_kv, head_dim=d, hidden=shape.hidden)
+    kv = head_rows(readers, d)
+
+    def pick(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t[kv]
+
+    out = replace(out, k_w=block.k_w[kv], v_w=block.v_w[kv], k_b=pick(block.k_b), v_b=pick(block.v_b))
+    if _whole(block.k_norm, shape.n_kv * d):
+        out.k_norm = block.k_norm[kv]
+    return out, HeadShape(n_heads=n, n_kv=n, head_dim=d, hidden=shape.hidden)
+
+
+def _whole(norm: Optional[Tensor], rows: int) -> TypeGuard[Tensor]:
+    """A norm spanning the whole projection (OLMo-2), as opposed to one over head_dim shared by heads."""
+    return norm is not None and norm.shape[0] == rows and rows != 0

@@ -22,6 +22,7 @@ from typing import Optional
 
 import yaml
 
+from .architectures import read_config as load_config  # noqa: F401  (the one config reader)
 from .errors import AccessError, CheckpointError, HubError, SourceNotFoundError
 
 CONFIG_PATTERNS = ["config.json", "generation_config.json"]
@@ -62,17 +63,6 @@ def cache_dir() -> Path:
     """Where imported checkpoints are kept: $GQA_CONVERT_CACHE or ~/.cache/gqa-convert."""
     env = os.environ.get("GQA_CONVERT_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "gqa-convert"
-
-
-def load_config(folder: Path) -> dict:
-    """config.json of a checkpoint folder as a dict."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise SourceNotFoundError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
 
 
 def resolve_source(

@@ -11,7 +11,8 @@ _SUFFIX = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000, "t": 1_000_000_000_00
 
 
 def parse_count(value: Union[int, float, str], *, what: str, binary_k: bool = False) -> int:
-    """`50M`, `1.5B`, `128K`, `131072` -> int. `binary_k` makes K mean 1024 (context lengths)."""
+    """`50M`, `1.5B`, `128K`, `131072` -> int. `binary_k` makes K mean 1024 and M 1024² (context
+    lengths, as long-context work counts them: 128K = 131072, 1M = 1048576)."""
     if isinstance(value, bool):
         raise ConfigError(f"{what} must be a positive number like 8K or 131072, not {value!r}")
     if isinstance(value, (int, float)):
@@ -21,8 +22,8 @@ def parse_count(value: Union[int, float, str], *, what: str, binary_k: bool = Fa
         if not m:
             raise ConfigError(f"{what} must be a positive number like 8K, 50M or 131072, not {value!r}")
         scale = _SUFFIX.get(m.group(2).lower(), 1)
-        if binary_k and m.group(2).lower() == "k":
-            scale = 1024
+        if binary_k and m.group(2).lower() in ("k", "m"):
+            scale = 1024 if m.group(2).lower() == "k" else 1024**2
         number = float(m.group(1)) * scale
     if number <= 0 or int(number) != number:
         raise ConfigError(f"{what} must be a positive whole number, not {value!r}")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tiny_models import IDS_DEFAULT, logits, save_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
-from gqa_convert.cli import main
+from gqa_convert.commands import main
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from hubserver import ALICE_TOKEN, BOB_TOKEN
 from huggingface_hub import ModelCard, snapshot_download
 from safetensors.torch import load_file
 
-from gqa_convert.cli import main
+from gqa_convert.commands import main
 from gqa_convert.errors import (
     AccessError,
     CheckpointError,

@@ -9,7 +9,7 @@ import torch
 from hubserver import BOB_TOKEN
 from safetensors.torch import load_file
 
-from gqa_convert.cli import main
+from gqa_convert.commands import main
 from gqa_convert.errors import AccessError, HubError, SourceNotFoundError
 from gqa_convert.source import resolve_source
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from gqa_convert.cli import main
+from gqa_convert.commands import main
 from gqa_convert.errors import ConfigError, LawError
 from gqa_convert.law.fit import fit_law, parse_runs, read_runs
 from gqa_convert.law.loss import LossLaw, candidates, load_law, save_law

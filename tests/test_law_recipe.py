@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from gqa_convert.cli import main
+from gqa_convert.commands import main
 from gqa_convert.law.loss import CONVERSION_LAW, DESIGN_LAW, candidates, load_law
 from gqa_convert.law.recipe import (
     LLAMA3_REFERENCE, TABLE4, TABLE4_CONTEXTS, TABLE4_LOSSES, TABLE7, TABLE9, aspect_ratio, optimize,

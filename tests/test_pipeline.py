@@ -14,7 +14,7 @@ import pytest
 from hubserver import hub  # noqa: F401
 
 from conftest import FIXTURES, ROOT, need
-from gqa_convert.cli import main
+from gqa_convert.commands import main
 
 RECIPE = ROOT / "recipes" / "demo-stories260k.yaml"
 
@@ -103,12 +103,12 @@ def test_missing_model_is_one_line_and_rerunnable(hub, tmp_path, capsys):  # noq
 def test_disk_full_is_reported_and_the_stage_reruns(tmp_path, capsys, monkeypatch):
     import errno
 
-    from gqa_convert import stages
+    from gqa_convert.pipeline.stages import ConvertStage
 
-    def full(ctx, **_):
+    def full(self, ctx, **_):
         raise OSError(errno.ENOSPC, "No space left on device", str(ctx.run_dir / "converted"))
 
-    monkeypatch.setattr(stages, "convert", full)
+    monkeypatch.setattr(ConvertStage, "run", full)
     run_dir = tmp_path / "run"
     args = ["run", str(RECIPE), *_overrides(run_dir), "uptrain.enabled=false"]
     assert main(args) == 1

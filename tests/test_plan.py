@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gqa_convert.cli import main
+from gqa_convert.commands import main
 from gqa_convert.law.cost import CostSettings, cost_report
 from gqa_convert.law.loss import load_law
 from gqa_convert.law.shapes import ModelShape

@@ -19,7 +19,7 @@ def test_recipes_are_shipped():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_shipped_recipe_validates(path):
     recipe = load_recipe(path)
-    assert recipe.context_tokens > 0
+    assert recipe.context > 0
     assert recipe.run_dir
 
 

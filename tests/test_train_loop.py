@@ -125,7 +125,9 @@ def test_distillation_logs_kl_and_trains(tiny, data, tmp_path):
     # the teacher is the model's own starting point: KL starts at exactly 0 and training on it changes nothing much
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert {"loss", "lr", "tokens", "tokens_per_s", "grad_norm"} <= set(rows[0])
-    assert r.steps == 4 and (out / "loss_curve.png").is_file() and (out / "result.json").is_file()
+    assert r.steps == 4 and (out / "loss_curve.png").is_file() and (out / "uptrain.json").is_file()
+    record = json.loads((out / "uptrain.json").read_text())
+    assert record["steps"] == 4 and record["settings"]["distill_weight"] == 1.0
     # the LR logged for each step is the one that step used: WSD over 4 steps (no warmup step, last one decayed)
     assert [x["lr"] for x in rows] == pytest.approx([3e-3 * wsd_factor(i, 4) for i in range(4)])
 
@@ -137,7 +139,7 @@ def test_heldout_slice_is_saved_and_never_trained(tiny, data, tmp_path):
     uptrain(cfg(tiny, data, out, heldout_docs=5))
     held = [json.loads(x)["text"] for x in (out / "heldout.jsonl").read_text().splitlines()]
     assert held == (DOCS * 4)[:5]
-    meta = json.loads((out / "data.json").read_text())
+    meta = json.loads((out / "uptrain.json").read_text())
     assert meta["heldout_docs"] == 5 and meta["train_start"] == 5
     assert list(DataSpec(str(data), heldout=5).training_documents())[0] == (DOCS * 4)[5]
 
@@ -164,7 +166,7 @@ def test_gradient_checkpointing_gives_the_same_steps(tiny, data, tmp_path):
 
 
 def test_cli_reports_one_line_errors(tiny, data, tmp_path, capsys):
-    from gqa_convert.cli import main
+    from gqa_convert.commands import main
 
     rc = main(["uptrain", str(tiny), "--data", str(data), "--context", "4096", "--steps", "2",
                "--output", str(tmp_path / "o"), "--heldout-docs", "0"])

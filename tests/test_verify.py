@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from gqa_convert.cli import main
+from gqa_convert.commands import main
 from gqa_convert.errors import ConfigError, DataError, SourceNotFoundError
 from gqa_convert.verify import DEFAULT_TOLERANCE, measure_costs, verify_model
 

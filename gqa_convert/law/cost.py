@@ -20,7 +20,9 @@ Units are in the field names: `*_flops`, `*_values`, `*_bytes`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, TypeVar
+
+import numpy as np
 
 from ..errors import ConfigError
 from .shapes import ModelShape
@@ -39,23 +41,28 @@ def dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES[key]
 
 
+# The paper's formulas are plain arithmetic: the recipe evaluates them on whole numpy grids of
+# (target, context, candidate) at once, and on single floats; they return what they are given.
+Num = TypeVar("Num", float, np.ndarray)
+
+
 def _positive(value: float, what: str) -> None:
     if not value > 0:
         raise ConfigError(f"{what} must be positive, not {value!r}")
 
 
 # --------------------------------------------------------------------------- paper formulas
-def infer_flops(n_params: float, n_layers: float, head_dim: int, n_heads: int, context: float) -> float:
+def infer_flops(n_params: Num, n_layers: Num, head_dim: int, n_heads: Num, context: Num) -> Num:
     """C_infer (eq. 3): FLOPs per generated token with `context` tokens already in context."""
     return 2 * n_params + 4 * context * n_layers * head_dim * n_heads
 
 
-def infer_memory(n_params: float, n_layers: float, head_dim: int, n_kv: int, context: float) -> float:
+def infer_memory(n_params: Num, n_layers: Num, head_dim: int, n_kv: Num, context: Num) -> Num:
     """M_infer (eq. 4): stored values, weights plus the KV cache of `context` tokens."""
     return n_params + 2 * context * n_layers * head_dim * n_kv
 
 
-def sequence_flops(n_params: float, n_layers: float, head_dim: int, n_heads: int, context: float) -> float:
+def sequence_flops(n_params: Num, n_layers: Num, head_dim: int, n_heads: Num, context: Num) -> Num:
     """FLOPs to process a whole sequence of `context` tokens: T·C_infer(T/2) = 2NT + 2T²·L·d_h·n_h."""
     return context * infer_flops(n_params, n_layers, head_dim, n_heads, context / 2)
 
@@ -70,7 +77,7 @@ def train_memory(n_params: float, train_context: float, hidden: int, n_layers: f
     return 4 * n_params + train_context * hidden * n_layers
 
 
-def z_cost(memory: float, flops: float, lam: float = 0.9, alpha: float = 0.5, beta: float = 1 / 3) -> float:
+def z_cost(memory: Num, flops: Num, lam: float = 0.9, alpha: float = 0.5, beta: float = 1 / 3) -> Num:
     """Z = λ·M^α + (1−λ)·C^β (eq. 5)."""
     return lam * memory**alpha + (1 - lam) * flops**beta
 
@@ -102,8 +109,8 @@ class CostSettings:
         return asdict(self)
 
 
-def z_of(n_params: float, n_layers: float, head_dim: int, n_heads: int, n_kv: int, context: float,
-         settings: CostSettings = CostSettings()) -> float:
+def z_of(n_params: Num, n_layers: Num, head_dim: int, n_heads: Num, n_kv: Num, context: Num,
+         settings: CostSettings = CostSettings()) -> Num:
     """Z of a model with N parameters (as `settings` count them) at expected context T."""
     m = infer_memory(n_params, n_layers, head_dim, n_kv, context)
     if settings.memory_unit == "bytes":

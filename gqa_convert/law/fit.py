@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 from scipy.optimize import least_squares
@@ -134,6 +134,7 @@ def fit_law(runs: Sequence[Run], template: Optional[LossLaw] = None) -> FitResul
         rss = float(np.sum((predict(np.array(theta)) - y) ** 2))
         if best is None or rss < best[0]:
             best = (rss, np.array(theta))
+    assert best is not None  # the scan above has 60 starts
     lo = np.r_[0.0, np.tile([-np.inf, 1e-4], len(heads))]
     hi = np.r_[y.min() - 1e-6, np.tile([np.inf, 5.0], len(heads))]
     x0 = np.clip(best[1], lo + 1e-9, hi - 1e-9)
@@ -148,7 +149,8 @@ def fit_law(runs: Sequence[Run], template: Optional[LossLaw] = None) -> FitResul
     except np.linalg.LinAlgError:
         raise ConfigError("runs: the fit is degenerate (sizes too close together?); spread model sizes over a wider range") from None
     se = np.sqrt(np.clip(np.diag(cov), 0, None))
-    table, stderr = {}, {"E": float(se[0])}
+    table: dict[tuple[int, int], tuple[float, float]] = {}
+    stderr: dict[str, Any] = {"E": float(se[0])}
     for j, (h, k) in enumerate(heads):
         lnA, b = theta[1 + 2 * j], theta[2 + 2 * j]
         a = n0 * math.exp(lnA / b)

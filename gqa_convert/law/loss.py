@@ -168,7 +168,8 @@ class LossLaw:
         try:
             E = float(d["E"])
             form = d.get("form", "smooth")
-            heads, stderr = {}, {}
+            heads: dict[tuple[int, int], tuple[float, float]] = {}
+            stderr: dict[str, Any] = {}
             for row in d.get("heads") or []:
                 h, k = int(row["n_heads"]), int(row["n_kv"])
                 heads[(h, k)] = (float(row["a"]), float(row["b"]))

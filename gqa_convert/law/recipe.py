@@ -130,7 +130,7 @@ class Grid:
         return np.argmin(self.z, axis=-1)
 
     def choices(self) -> list[list[tuple[int, int]]]:
-        return [[tuple(int(v) for v in self.heads[k]) for k in row] for row in self.best]
+        return [[(int(self.heads[k][0]), int(self.heads[k][1])) for k in row] for row in self.best]
 
 
 def recipe_grid(law: LossLaw, losses: Sequence[float], contexts: Sequence[int],

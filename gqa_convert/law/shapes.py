@@ -105,6 +105,21 @@ def _with_defaults(cfg: dict) -> dict:
     return {**full, **cfg}
 
 
+def _family_heads(cfg: dict):
+    """The converter's reading of the heads (architectures.head_shape) for a family it knows, so
+    the law and the converter never disagree (e.g. StableLM ignores a `head_dim` in its config)."""
+    from ..architectures import get_family, head_shape
+
+    try:
+        family = get_family(cfg)
+    except UnsupportedModelError:
+        return None  # planning covers families the converter does not
+    try:
+        return head_shape(family, cfg)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def shape_from_config(config: Union[Mapping[str, Any], Any]) -> ModelShape:
     """ModelShape of a Hugging Face config (a dict as in config.json, or a PretrainedConfig).
 
@@ -136,6 +151,9 @@ def shape_from_config(config: Union[Mapping[str, Any], Any]) -> ModelShape:
     if n_kv is None:
         n_kv = 1 if cfg.get("multi_query") else n_heads
     head_dim = cfg.get("head_dim") or hidden // n_heads
+    heads = _family_heads(cfg)
+    if heads is not None:  # a family we convert: its head layout as the converter reads it
+        n_heads, n_kv, head_dim, hidden = heads.n_heads, heads.n_kv, heads.head_dim, heads.hidden
     gated = model_type not in UNGATED_FFN
     d_ff = values["d_ff"] or (4 * hidden)
     tied = cfg.get("tie_word_embeddings")
@@ -158,27 +176,15 @@ def load_model_config(spec: Union[str, Path, Mapping[str, Any]]) -> dict:
         return dict(spec)
     if hasattr(spec, "to_dict"):
         return spec.to_dict()
+    from ..architectures import read_config
+    from ..source import resolve_source
+
     path = Path(spec)
-    if path.is_file() and path.suffix == ".json":
-        return _read_json(path)
+    if path.is_file() and path.name == "config.json":
+        return read_config(path.parent)
     if path.is_dir():
-        if (path / "config.json").is_file():
-            return _read_json(path / "config.json")
-        raise SourceNotFoundError(f"{path} has no config.json; give a Hugging Face model folder, alias or hub id")
-    try:
-        from ..source import load_config, resolve_source
-    except ImportError:
-        raise SourceNotFoundError(
-            f"{spec!r} is not a local model folder; give a folder with config.json (hub ids need gqa_convert.source)"
-        ) from None
-    return dict(load_config(resolve_source(str(spec), config_only=True)))
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SourceNotFoundError(f"cannot read {path}: {err}; expected a Hugging Face config.json") from None
+        return read_config(path)
+    return read_config(resolve_source(str(spec), config_only=True))
 
 
 def load_shape(spec: Union[str, Path, Mapping[str, Any], ModelShape]) -> ModelShape:

@@ -22,18 +22,23 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from ..architectures import read_config
 from ..errors import ConfigError
 from ..regroup import AttentionBlock, HeadShape, mean_pool
 from .align import align_factors
 from .calibrate import DEFAULT_SEQ_LEN, Calibration, calibrate, calibration_chunks, check_enough_tokens
 from .heads import Planes, augmented, k_approx, mean_factors, merged_block, rel_error, sigma_for, v_approx
 from .optimal import optimal_factors
+from .qheads import Q_METHODS, QueryHeadReducer, build_query_reducer  # fewer query heads (docs/query-heads.md)
 
 METHOD_NAMES = ("mean", "align", "optimal")
 FACTORS = {"mean": None, "align": align_factors, "optimal": optimal_factors}
 DEFAULT_CALIB_TOKENS = 65536
 
-__all__ = ["build_method", "MergeMethod", "METHOD_NAMES", "rotary_dim", "k_side_blocker"]
+__all__ = [
+    "build_method", "MergeMethod", "METHOD_NAMES", "rotary_dim", "k_side_blocker",
+    "build_query_reducer", "QueryHeadReducer", "Q_METHODS",
+]  # fmt: skip
 
 
 def rotary_dim(config: dict, head_dim: int) -> int:
@@ -180,7 +185,7 @@ def build_method(
     if calib_tokens is not None and int(calib_tokens) <= 0:
         raise ConfigError(f"--calib-tokens must be a positive number of tokens, got {calib_tokens}")
     source_dir = Path(source_dir)
-    config = json.loads((source_dir / "config.json").read_text())
+    config = read_config(source_dir)
     family = get_family(config)
     shape = head_shape(family, config)
     tokens = int(calib_tokens or DEFAULT_CALIB_TOKENS)

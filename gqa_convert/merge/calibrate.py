@@ -16,6 +16,10 @@ batch's hidden states (tokens × D floats) and one layer live at once.
 The cache is a folder `calib-<key>/` under the run's cache folder: one safetensors per layer
 and a `meta.json` written last (the folder is renamed into place only when complete). The key
 hashes the checkpoint (config, safetensors headers, sizes, sampled bytes) and the exact token ids.
+
+The same machinery records another site of a layer when asked (`site`, a module path inside the
+decoder layer): the query-head reduction (`merge.qheads`) takes Σ of o_proj's input, the
+concatenated per-head attention outputs, with site "self_attn.o_proj".
 """
 
 from __future__ import annotations
@@ -27,14 +31,18 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union, cast
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..architectures import read_config
 from ..checkpoint import TensorReader
 from ..errors import CheckpointError, DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DEFAULT_SEQ_LEN = 512
 ATTENTION_NAMES = ("self_attn", "self_attention", "attn", "attention")
@@ -95,8 +103,10 @@ def checkpoint_fingerprint(folder: Union[str, Path]) -> str:
     return h.hexdigest()
 
 
-def cache_key(folder: Union[str, Path], chunks: Sequence[Tensor]) -> str:
+def cache_key(folder: Union[str, Path], chunks: Sequence[Tensor], site: Optional[str] = None) -> str:
     h = hashlib.sha256(checkpoint_fingerprint(folder).encode())
+    if site is not None:  # the attention input keeps its old keys (existing caches stay valid)
+        h.update(f"site={site}".encode())
     for c in chunks:
         h.update(f"|{c.shape[-1]}|".encode())
         h.update(c.to(torch.int64).numpy().tobytes())
@@ -170,6 +180,7 @@ def layer_covariances(
     *,
     dtype: torch.dtype = torch.float32,
     out_dir: Optional[Path] = None,
+    site: Optional[str] = None,
 ) -> list[Tensor]:
     """Σ per layer ((D+1)×(D+1) float64) of the attention input over the token chunks.
 
@@ -179,12 +190,14 @@ def layer_covariances(
         dtype: compute dtype of the layers (Σ is always accumulated in float64).
         out_dir: when given, each Σ_i is written there as layer-{i:05d}.safetensors as soon as it
             is complete and not kept in memory (the return value is then empty).
+        site: a module path inside each decoder layer whose input is recorded instead (D is then
+            that input's width), e.g. "self_attn.o_proj"; None = the attention module's input.
     Returns:
         the list of Σ_i when out_dir is None, else [].
     """
     folder = Path(folder)
     model, config = _empty_model(folder)
-    n_layers = int(getattr(config, "num_hidden_layers"))
+    n_layers = int(config.num_hidden_layers)
     prefix, layers = _find_layers(model, n_layers)
     reader = TensorReader(folder)
     _load_outside_layers(model, layers, reader, dtype)
@@ -205,26 +218,31 @@ def layer_covariances(
 
     hidden = _layer0_inputs(model, layers, chunks)
     results: list[Tensor] = []
-    d_model = hidden[0].shape[-1]
     reader.close()  # unmap: touched pages of a memory-mapped file count as resident memory
     for i in range(n_layers):
         layer = layers[i]
         with TensorReader(folder) as layer_reader:  # reopened per layer for the same reason
             _materialize(layer, f"{prefix}.{i}", layer_reader, dtype)
-        sigma = torch.zeros(d_model + 1, d_model + 1, dtype=torch.float64)
+        acc: list[Tensor] = []  # Σ_i, sized by the first input the hook sees (the site's width)
 
+        # The hook (and `First` below) run only within their own loop iteration, so the loop
+        # variables they read are the current ones (B023 does not apply).
         def hook(mod, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
+            x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
             x = x.reshape(-1, x.shape[-1]).to(torch.float64)
             x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
-            sigma.add_(x.T @ x)
+            if not acc:  # noqa: B023
+                acc.append(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))  # noqa: B023
+            acc[0].add_(x.T @ x)  # noqa: B023
 
-        handle = _attention_module(layer).register_forward_pre_hook(hook, with_kwargs=True)
+        target = _attention_module(layer) if site is None else layer.get_submodule(site)
+        handle = target.register_forward_pre_hook(hook, with_kwargs=True)
         for j, h in enumerate(hidden):
             args, kwargs = kwargs_by_len[h.shape[1]][i]
             out = layer(h, *args, **kwargs)
             hidden[j] = out[0] if isinstance(out, tuple) else out
         handle.remove()
+        sigma = acc.pop()
         layers[i] = layer.to("meta")  # drop the weights
         if out_dir is not None:
             save_file({"sigma": sigma}, str(Path(out_dir) / f"layer-{i:05d}.safetensors"))
@@ -249,7 +267,7 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _load_outside_layers(model: nn.Module, layers: nn.ModuleList, reader: TensorReader, dtype) -> None:
+def _load_outside_layers(model: PreTrainedModel, layers: nn.ModuleList, reader: TensorReader, dtype) -> None:
     """Load the embeddings and small norms; the decoder layers wait, an untied output head is skipped."""
     skip = {id(p) for p in layers.parameters()}
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
@@ -273,7 +291,7 @@ def _layer0_inputs(model: nn.Module, layers: nn.ModuleList, chunks: Sequence[Ten
 
         class First(nn.Module):
             def forward(self, hidden_states, *a, **k):
-                grabbed.append(hidden_states)
+                grabbed.append(hidden_states)  # noqa: B023  (used only within this iteration)
                 raise _StopForward
 
         keep = layers[0]
@@ -306,16 +324,27 @@ class Calibration:
 
 def calibration_chunks(
     source_dir: Union[str, Path],
-    calib_data: Union[str, Path, Iterable[str]],  # file, folder, dataset name, or the documents
+    calib_data: Union[str, Path, Iterable[str], Tensor, Sequence[Tensor]],
     calib_tokens: int,
     seq_len: int = DEFAULT_SEQ_LEN,
 ) -> list[Tensor]:
-    """Token chunks for calibration: documents from a path (or a list of strings), the source's tokenizer."""
+    """Token chunks for calibration: documents from a path (file, folder, dataset name) or a list
+    of strings, tokenized with the source's tokenizer; or token ids already (a tensor or a list of
+    tensors, e.g. for a checkpoint without a tokenizer), read as one stream."""
     from transformers import AutoTokenizer
+
+    if isinstance(calib_data, Tensor) or (
+        isinstance(calib_data, (list, tuple)) and calib_data and all(isinstance(c, Tensor) for c in calib_data)
+    ):
+        parts = [calib_data] if isinstance(calib_data, Tensor) else list(calib_data)
+        ids = torch.cat([p.reshape(-1).to(torch.long) for p in parts])[: int(calib_tokens)]
+        return chunk_tokens(ids, seq_len)
 
     from ..train.data import DataSpec
 
-    docs = DataSpec(source=str(calib_data)).documents() if isinstance(calib_data, (str, Path)) else iter(calib_data)
+    # Tensor inputs returned above; what is left is text (mypy cannot narrow the all(...) test).
+    text = cast(Iterable[str], calib_data)
+    docs = DataSpec(source=str(calib_data)).documents() if isinstance(calib_data, (str, Path)) else iter(text)
     tokenizer = AutoTokenizer.from_pretrained(str(source_dir), trust_remote_code=False)
     ids = tokenize_documents(tokenizer, docs, int(calib_tokens))
     if ids.numel() == 0:
@@ -330,19 +359,22 @@ def calibrate(
     *,
     hidden: Optional[int] = None,
     dtype: torch.dtype = torch.float32,
+    site: Optional[str] = None,
 ) -> Calibration:
     """Σ per layer for these token chunks, computed once and cached under cache_dir (reused after).
+
+    site: see `layer_covariances` (None = the attention input); each site has its own cache key.
 
     Raises:
         DataError: fewer tokens than hidden+1 (Σ could not be full rank).
     """
     source_dir, cache_dir = Path(source_dir), Path(cache_dir)
-    config = json.loads((source_dir / "config.json").read_text())
+    config = read_config(source_dir)
     n_layers = int(config.get("num_hidden_layers") or config["n_layer"])
     hidden = hidden or int(config["hidden_size"])
     n_tokens = int(sum(c.numel() for c in chunks))
     check_enough_tokens(n_tokens, hidden)
-    key = cache_key(source_dir, chunks)
+    key = cache_key(source_dir, chunks, site)
     final = cache_dir / f"calib-{key}"
     meta_path = final / "meta.json"
     if meta_path.exists():
@@ -351,8 +383,10 @@ def calibrate(
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".calib-{key}-", dir=cache_dir))
     try:
-        layer_covariances(source_dir, chunks, dtype=dtype, out_dir=tmp)
+        layer_covariances(source_dir, chunks, dtype=dtype, out_dir=tmp, site=site)
         meta = {"key": key, "n_layers": n_layers, "n_tokens": n_tokens, "seq_lens": sorted({c.shape[-1] for c in chunks})}
+        if site is not None:
+            meta["site"] = site
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if final.exists():  # a concurrent run finished first
             shutil.rmtree(tmp)

@@ -152,7 +152,7 @@ def absorb_into_q_o(
             if qb is not None:
                 qb[h] = _rotate_q(qb[h], planes, c)
         out.q_w = q.reshape(block.q_w.shape).to(block.q_w.dtype)
-        if qb is not None:
+        if qb is not None and block.q_b is not None:  # qb exists exactly when block.q_b does
             out.q_b = qb.reshape(block.q_b.shape).to(block.q_b.dtype)
     if do_v:
         o = block.o_w.to(torch.float64).reshape(shape.hidden, H, d).clone()

@@ -164,6 +164,17 @@ class DataSpec:
             )
 
 
+@dataclass(frozen=True)
+class TrainingDocuments:
+    """The training documents of a spec as a re-iterable (each `iter()` reads them anew), for
+    consumers that pass over them more than once (calibration of K/V and of query heads)."""
+
+    spec: DataSpec
+
+    def __iter__(self) -> Iterator[str]:
+        return self.spec.training_documents()
+
+
 def tokenize_documents(docs: Iterable[str], tokenizer, batch: int = 256) -> Iterator[list[int]]:
     """Token ids of each document: the tokenizer's special prefix (BOS) if any, then EOS appended."""
     eos = tokenizer.eos_token_id

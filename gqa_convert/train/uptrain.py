@@ -10,8 +10,9 @@ take the same step. Runs under `accelerate launch` (DDP, FSDP) through `accelera
 
 Output folder: the final model (safetensors, config, tokenizer; loads with
 AutoModelForCausalLM.from_pretrained), metrics.jsonl, loss_curve.png, heldout.jsonl (the held-out
-documents, never trained on), uptrain_config.json, result.json, and checkpoint/ (trainable weights
-as safetensors; optimizer, scheduler and RNG via torch.save, loaded with weights_only=True).
+documents, never trained on), uptrain_config.json (the settings a --resume must match),
+uptrain.json (records.UptrainRecord: what ran and what it measured), and checkpoint/ (trainable
+weights as safetensors; optimizer, scheduler and RNG via torch.save, loaded with weights_only=True).
 """
 
 from __future__ import annotations
@@ -23,64 +24,28 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, OutputError, SourceNotFoundError
+from ..fileio import write_json_atomic
+from ..records import ConversionRecord, UptrainRecord
+from ..settings import UptrainConfig, UptrainSettings, command_line, data_spec
 from .backend import choose_attention
-from .data import IGNORE, DataSpec, RowStream, collate, packed_forward, write_heldout
+from .data import IGNORE, RowStream, collate, packed_forward, write_heldout
 from .schedule import wsd_factor
 
-TRAIN_CHOICES = ("all", "attention", "kv")
 CKPT, CKPT_TMP, CKPT_OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
+CONFIG_FILE = "uptrain_config.json"  # the run's settings, written at its start: what --resume must match
 KILL_ENV = "GQA_CONVERT_KILL_AFTER_STEP"  # test hook: SIGKILL this process after step k
 # Fields that define the run; a resumed run must agree on all of them.
 RUN_FIELDS = ("model", "data", "text_field", "data_split", "data_config", "context", "lr", "batch_size",
               "grad_accum", "warmup", "decay", "lr_floor", "weight_decay", "betas", "clip", "train",
               "distill_from", "distill_weight", "lora", "lora_rank", "heldout_docs", "train_start", "seed")
-
-
-@dataclass
-class UptrainConfig:
-    """Every setting of an uptraining run. Exactly one budget: tokens, steps or alpha."""
-
-    model: str  # converted model folder (or hub id)
-    data: str  # .txt/.jsonl/.parquet file, folder of them, or HF dataset name
-    context: int  # tokens per packed row
-    output: str  # run folder; the final model is written here
-    tokens: Optional[Union[int, str]] = None  # budget: 50M, 1B ...
-    steps: Optional[int] = None  # budget: optimizer steps
-    alpha: Optional[float] = None  # budget: fraction of the source's pretraining tokens
-    pretraining_tokens: Optional[Union[int, str]] = None  # for alpha when the alias data has none
-    text_field: str = "text"
-    data_split: str = "train"
-    data_config: Optional[str] = None
-    heldout_docs: int = 200  # first documents of the data, never trained on
-    train_start: Optional[int] = None  # first training document (default: after the held-out ones)
-    lr: float = 1e-4
-    batch_size: int = 8  # rows per process per micro-step
-    grad_accum: int = 1
-    warmup: float = 0.1  # WSD fractions of the steps (law.md: 10% warmup, last 20% decayed)
-    decay: float = 0.2
-    lr_floor: float = 0.1  # decay ends at this fraction of lr
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip: float = 1.0
-    train: str = "all"  # all | attention | kv (only the regrouped k/v projections)
-    distill_from: Optional[str] = None  # unconverted source model, the teacher
-    distill_weight: float = 0.0  # loss = (1-w)*CE + w*KL(teacher || student)
-    lora: bool = False
-    lora_rank: int = 16
-    attn: str = "auto"  # auto | flash | sdpa
-    gradient_checkpointing: Optional[bool] = None  # default: on with CUDA
-    save_every: int = 50  # steps between checkpoints
-    resume: bool = False
-    seed: int = 0
-    progress: bool = True
 
 
 @dataclass
@@ -104,50 +69,34 @@ def _is_main() -> bool:
 
 
 def known_pretraining_tokens(model: str) -> Optional[int]:
-    """The source's pretraining tokens from gqa_convert/data/aliases.yaml, if the model names an alias.
+    """The source's pretraining tokens from the alias table, if the model names an alias.
 
-    The model may be an alias or repo id, or a folder whose gqa_convert.json (written by convert)
-    names its `source`.
+    The model may be an alias or repo id, or a folder whose conversion record names its source.
     """
-    import yaml
+    from ..source import aliases
 
     names = {model}
-    prov = Path(model) / "gqa_convert.json"
-    if prov.is_file():
-        try:
-            meta = json.loads(prov.read_text())
-            names |= {str(meta[k]) for k in ("source", "alias", "source_repo") if meta.get(k)}
-        except json.JSONDecodeError:
-            pass
-    path = Path(__file__).resolve().parents[1] / "data" / "aliases.yaml"
-    if not path.is_file():
-        return None
-    aliases = yaml.safe_load(path.read_text()) or {}
-    for key, entry in aliases.items():
-        if isinstance(entry, dict) and (key in names or entry.get("repo") in names) and entry.get("pretraining_tokens"):
-            return int(float(entry["pretraining_tokens"]))
+    if Path(model).is_dir():
+        record = ConversionRecord.read(model)
+        if record is not None:
+            names |= {n for n in (record.source, record.source_repo) if n}
+    for alias in aliases().values():
+        if (alias.name in names or alias.repo in names) and alias.pretraining_tokens:
+            return int(alias.pretraining_tokens)
     return None
 
 
 def resolve_steps(cfg: UptrainConfig, world: int) -> int:
     """Optimizer steps for the budget; ConfigError if the budget is missing, ambiguous or < 1 step."""
-    from ..units import parse_count
-
-    given = [n for n in ("tokens", "steps", "alpha") if getattr(cfg, n) is not None]
-    if len(given) != 1:
-        raise ConfigError("give exactly one budget: --tokens (e.g. 50M), --steps N or --alpha (e.g. 0.05)")
+    cfg.check_budget()
     per_step = cfg.context * cfg.batch_size * cfg.grad_accum * world
     if cfg.steps is not None:
-        if int(cfg.steps) < 1:
-            raise ConfigError(f"--steps must be at least 1, not {cfg.steps}")
         return int(cfg.steps)
     if cfg.tokens is not None:
-        tokens, what = parse_count(cfg.tokens, what="--tokens"), f"--tokens {cfg.tokens}"
+        tokens, what = cfg.tokens, f"--tokens {cfg.tokens:,}"
     else:
-        if not 0 < cfg.alpha <= 1:
-            raise ConfigError(f"--alpha must be in (0, 1], e.g. 0.05, not {cfg.alpha}")
-        pre = cfg.pretraining_tokens
-        pre = parse_count(pre, what="--pretraining-tokens") if pre is not None else known_pretraining_tokens(cfg.model)
+        assert cfg.alpha is not None
+        pre = cfg.pretraining_tokens or known_pretraining_tokens(cfg.model)
         if pre is None:
             raise ConfigError(
                 f"--alpha needs the source's pretraining token count, unknown for {cfg.model}; "
@@ -183,24 +132,13 @@ def validate(cfg: UptrainConfig, world: int = 1):
     """Every check that needs no model weights; returns (attn, model config, data spec, steps)."""
     from transformers import AutoConfig
 
-    if cfg.train not in TRAIN_CHOICES:
-        raise ConfigError(f"--train must be one of {', '.join(TRAIN_CHOICES)}, not {cfg.train!r}")
-    if not 0 <= cfg.distill_weight <= 1:
-        raise ConfigError(f"--distill-weight must be in [0, 1], not {cfg.distill_weight}")
-    if cfg.distill_weight > 0 and not cfg.distill_from:
-        raise ConfigError("--distill-weight needs --distill-from SOURCE (the unconverted model)")
-    if not (0 <= cfg.warmup < 1 and 0 <= cfg.decay <= 1 and cfg.warmup + cfg.decay <= 1):
-        raise ConfigError(f"--warmup {cfg.warmup} and --decay {cfg.decay} must be fractions in [0, 1] summing to <= 1")
-    for name in ("lr", "batch_size", "grad_accum", "save_every", "clip"):
-        if not getattr(cfg, name) > 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, not {getattr(cfg, name)}")
     attn = choose_attention(cfg.attn)
     try:
         mcfg = AutoConfig.from_pretrained(cfg.model)
     except (OSError, ValueError) as err:
         raise SourceNotFoundError(f"cannot load a model config from {cfg.model!r}: {str(err).splitlines()[0]}") from err
     check_context(mcfg, cfg.context)
-    spec = DataSpec(cfg.data, cfg.text_field, cfg.data_split, cfg.data_config, cfg.heldout_docs, cfg.train_start)
+    spec = data_spec(cfg.data, cfg, cfg.heldout_docs, cfg.train_start)
     steps = resolve_steps(cfg, world)
     spec.check()
     out = Path(cfg.output)
@@ -412,14 +350,11 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
         raise ConfigError(f"the tokenizer of {cfg.model} has no EOS token, needed between packed documents")
     out.mkdir(parents=True, exist_ok=True)
     if main and not cfg.resume:
-        (out / "uptrain_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
-        n_held = write_heldout(spec, out / "heldout.jsonl")
-        (out / "data.json").write_text(json.dumps({
-            "source": cfg.data, "heldout_docs": n_held, "train_start": spec.first_train_doc,
-            "note": "held-out = documents[:heldout_docs] (heldout.jsonl); training = documents[train_start:]"}, indent=1))
+        write_json_atomic(out / CONFIG_FILE, cfg.model_dump(mode="json"))
+        write_heldout(spec, out / "heldout.jsonl")
     if cfg.resume:
-        saved = json.loads((out / "uptrain_config.json").read_text())
-        now = json.loads(json.dumps(asdict(cfg), default=str))
+        saved = _read_run_config(out)
+        now = cfg.model_dump(mode="json")
         diff = [k for k in RUN_FIELDS if saved.get(k) != now.get(k)]
         if diff:
             raise ConfigError(f"--resume with different settings ({', '.join(diff)}); use the original ones")
@@ -451,7 +386,7 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
 
     model = accelerator.prepare(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: wsd_factor(s, total_steps, cfg.warmup, cfg.decay, cfg.lr_floor))
     optimizer = accelerator.prepare(optimizer)
@@ -543,10 +478,45 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
         tokens_per_s=(total_steps - start) * rows_per_step * cfg.context / max(run_s, 1e-9),
         attn_implementation=attn, heldout_docs=spec.heldout, resumed_from=start, losses=all_losses)
     if main:
-        (out / "result.json").write_text(json.dumps({**asdict(result), "output": str(out), "losses": None}, indent=1))
+        _record(cfg, result, spec).write(out)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def _read_run_config(out: Path) -> dict:
+    """The settings the run in OUT started with (uptrain_config.json), or one line saying what to do."""
+    path = out / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise OutputError(f"--resume: {path} is missing or damaged; start a new run in another --output") from None
+    if not isinstance(data, dict):
+        raise OutputError(f"--resume: {path} is damaged; start a new run in another --output")
+    return data
+
+
+def _public(value: Optional[str]) -> Optional[str]:
+    """A hub id as it is; a local path by its name only (the record is published)."""
+    if value is None:
+        return None
+    return Path(value).name if Path(value).exists() or value.startswith((".", "/", "~")) else value
+
+
+def _record(cfg: UptrainConfig, result: UptrainResult, spec) -> UptrainRecord:
+    """uptrain.json: what ran (settings, local paths by name) and what it measured."""
+    settings = UptrainSettings.model_validate(
+        {k: getattr(cfg, k) for k in UptrainSettings.model_fields}).model_dump(mode="json")
+    settings["distill_from"] = _public(settings["distill_from"])
+    settings["data"] = _public(settings["data"])
+    public = cfg.model_copy(update={"model": _public(cfg.model), "data": _public(cfg.data),
+                                    "output": Path(cfg.output).name, "distill_from": _public(cfg.distill_from)})
+    return UptrainRecord(
+        model=_public(cfg.model), data=_public(cfg.data), context=cfg.context, steps=result.steps,
+        tokens=result.tokens, final_loss=result.final_loss, tokens_per_s=result.tokens_per_s,
+        attn_implementation=result.attn_implementation, heldout_docs=spec.heldout, train_start=spec.first_train_doc,
+        resumed_from=result.resumed_from, settings=settings,
+        command=command_line("uptrain", public, positional=("model",), skip=("resume", "progress")))
 
 
 class _nullcontext:

@@ -1,50 +1,51 @@
-"""`gqa-convert` command line: a thin layer over the library functions.
+"""`gqa-convert` command line, apart from the library.
 
-Each subcommand lives in its own module that exposes `register(subparsers)`; the parser it adds
-sets `func` to a callable taking the parsed args and returning an exit code. Errors derived from
-GqaConvertError are printed as one line and turned into a non-zero exit.
+Each command module adds its subparser (`register`) with flags generated from the settings
+models and imports the library, torch and transformers only inside `run`, so `gqa-convert --help`
+and `gqa-convert COMMAND --help` load no ML stack. Errors derived from GqaConvertError are printed
+as one line and turned into a non-zero exit.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import sys
+from typing import Optional
 
-from . import __version__
-from .errors import GqaConvertError
+from .. import __version__
+from ..errors import GqaConvertError
+from . import card, convert, law, pipeline, plan, push, uptrain, verify
 
-# Module names under gqa_convert/ whose `register` adds a subcommand.
-COMMAND_MODULES = [
-    "convert",  # convert, models
-    "law.commands",  # law optimize|table|fit|eval
-    "plan",  # plan
-    "train.commands",  # uptrain
-    "verify",  # verify
-    "hub",  # push
-    "pipeline",  # run RECIPE.yaml, and the default `gqa-convert MODEL ...`
-]
+# In the order `--help` lists them.
+COMMANDS = [pipeline, convert, plan, uptrain, verify, card, push, law]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gqa-convert",
-        description="Convert Hugging Face causal LMs to cost-optimal grouped-query attention.",
+        description="Convert Hugging Face causal LMs to cost-optimal grouped-query attention. "
+        "`gqa-convert MODEL --kv-heads N --context T ...` runs every stage (see `gqa-convert pipeline --help`).",
     )
     parser.add_argument("--version", action="version", version=f"gqa-convert {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"gqa_convert.{name}").register(sub)
+    for module in COMMANDS:
+        module.register(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # `gqa-convert MODEL --kv-heads N ...` (no subcommand) runs the whole pipeline.
-    known = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
-    if argv and not argv[0].startswith("-") and argv[0] not in known:
+    if argv and not argv[0].startswith("-") and argv[0] not in _subcommands(parser):
         argv = ["pipeline", *argv]
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

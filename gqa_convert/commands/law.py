@@ -1,4 +1,7 @@
-"""`gqa-convert law optimize | table | fit | eval`: the cost-optimal GQA law from the command line."""
+"""`gqa-convert law optimize | table | fit | eval`: the cost-optimal GQA law from the command line.
+
+The law's modules (numpy, scipy) are imported when an action runs, not for `--help`.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,6 @@ import math
 
 from ..errors import ConfigError
 from ..units import parse_count
-from .fit import fit_law, read_runs
-from .loss import CONVERSION_LAW, DESIGN_LAW, load_law, save_law
-from .recipe import TABLE4, TABLE4_CONTEXTS, TABLE4_LOSSES, optimize, table, table4_match
 
 
 def _loss_value(text: str, what: str = "--loss") -> float:
@@ -30,12 +30,17 @@ def _ctx_label(t: int) -> str:
     return f"{t // 1024}K" if t % 1024 == 0 else str(t)
 
 
-def _law(args, default: str):
-    return load_law(getattr(args, "law", None) or default)
+def _law(args, which: str):
+    """--law, else the shipped law for this action: "design" (Table 4's) or "conversion" (monotone)."""
+    from ..law.loss import CONVERSION_LAW, DESIGN_LAW, load_law
+
+    return load_law(getattr(args, "law", None) or (DESIGN_LAW if which == "design" else CONVERSION_LAW))
 
 
 def _optimize(args) -> int:
-    law = _law(args, DESIGN_LAW)
+    from ..law.recipe import optimize
+
+    law = _law(args, "design")
     target = _loss_value(args.loss)
     context = parse_count(args.context, what="--context", binary_k=True)
     opt = optimize(target, context, law)
@@ -65,7 +70,9 @@ def _optimize(args) -> int:
 
 
 def _table(args) -> int:
-    law = _law(args, DESIGN_LAW)
+    from ..law.recipe import TABLE4, TABLE4_CONTEXTS, TABLE4_LOSSES, table, table4_match
+
+    law = _law(args, "design")
     losses = [_loss_value(v, "--losses") for v in _split(args.losses)] if args.losses else TABLE4_LOSSES
     contexts = [parse_count(v, what="--contexts", binary_k=True) for v in _split(args.contexts)] if args.contexts else TABLE4_CONTEXTS
     grid = table(law, losses, contexts)
@@ -93,6 +100,9 @@ def _table(args) -> int:
 
 
 def _fit(args) -> int:
+    from ..law.fit import fit_law, read_runs
+    from ..law.loss import save_law
+
     result = fit_law(read_runs(args.runs))
     law = result.law
     print(f"fitted {len(law.heads)} head configurations on {result.n_runs} runs: R² = {result.r2:.5f}, "
@@ -108,7 +118,7 @@ def _fit(args) -> int:
 
 
 def _eval(args) -> int:
-    law = _law(args, CONVERSION_LAW)
+    law = _law(args, "conversion")
     h, k = args.heads, args.kv_heads
     if h <= 0 or k <= 0 or h % k:
         raise ConfigError(f"--heads {h} / --kv-heads {k}: need positive counts with kv dividing heads")

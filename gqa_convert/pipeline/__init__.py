@@ -1,0 +1,91 @@
+"""One command from checkpoint to published GQA model: plan → convert → uptrain → verify → card → push.
+
+A run is a folder. Each stage reads what earlier stages left there and writes its own part:
+
+    RUN_DIR/recipe.yaml        the resolved recipe of the last run
+    RUN_DIR/state.json         per stage: fingerprint of its settings and inputs, status, outputs
+    RUN_DIR/plan/              plan.json, plan.png
+    RUN_DIR/converted/         the regrouped checkpoint (a plain HF model folder)
+    RUN_DIR/uptrain/           checkpoints, metrics.jsonl, loss curve, the final model
+    RUN_DIR/model -> the final model (converted/ or uptrain/): verification.json, README.md card
+
+Re-running the same command skips finished stages; a changed setting re-runs that stage and every
+later one, never an earlier one. A stage that was interrupted re-runs (uptraining resumes from its
+last checkpoint). The stages themselves are in `stages.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pydantic import BaseModel
+
+from ..errors import ConfigError, VerificationFailed
+from ..fileio import write_text_atomic
+from ..recipe import dump_recipe
+from ..settings import RunSettings
+from .state import RunState, fingerprint
+from .stages import STAGES, RunContext, Stage
+
+__all__ = ["run_pipeline", "StageResult", "STAGES", "Stage", "RunContext", "RunState"]
+
+
+@dataclass
+class StageResult:
+    name: str
+    skipped: bool
+    outputs: BaseModel
+
+
+def _check_run_dir(run_dir: Path, source: str) -> None:
+    """A run folder is never the source checkpoint, nor inside it: the source is never modified."""
+    src = Path(source).expanduser()
+    if src.exists():
+        src, out = src.resolve(), run_dir.resolve()
+        if out == src or src in out.parents or (src.is_dir() and out in src.parents):
+            raise ConfigError(f"--run-dir {run_dir} overlaps the source {source}; choose a folder outside it")
+        if (run_dir / "config.json").is_file() and not (run_dir / "state.json").is_file():
+            raise ConfigError(f"--run-dir {run_dir} holds a model (config.json), not a run; choose a new folder")
+
+
+def run_pipeline(recipe: RunSettings, *, log: Callable[[str], None] = print) -> dict[str, StageResult]:
+    """Run (or resume) every stage of `recipe` in its run folder. Returns what each stage did."""
+    run_dir = Path(recipe.run_dir)
+    _check_run_dir(run_dir, recipe.source)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create run folder {run_dir}: {err.strerror}; choose a writable --run-dir") from None
+    state = RunState.load(run_dir)
+    write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+    ctx = RunContext(recipe=recipe, run_dir=run_dir, log=log)
+
+    results: dict[str, StageResult] = {}
+    upstream = ""
+    for stage in STAGES:
+        fp = fingerprint(stage.inputs(recipe), upstream)
+        upstream = fp
+        entry = state.entry(stage.name)
+        if entry is not None and state.is_done(stage.name, fp):
+            ctx.outputs[stage.name] = stage.Outputs.model_validate(entry.outputs)
+            stage.after_skip(ctx)
+            results[stage.name] = StageResult(stage.name, True, ctx.outputs[stage.name])
+            log(f"[{stage.name}] up to date, skipped")
+            continue
+        resuming = entry is not None and entry.fingerprint == fp
+        state.mark(stage.name, fp, "running")
+        log(f"[{stage.name}] {'resuming' if resuming else 'running'}")
+        outputs = stage.run(ctx, resuming=resuming)
+        ctx.outputs[stage.name] = outputs
+        state.mark(stage.name, fp, "done", outputs.model_dump())
+        results[stage.name] = StageResult(stage.name, False, outputs)
+        if stage.name == "verify" and not outputs.passed:  # type: ignore[attr-defined]
+            # Recorded as done (the measurement stands); later stages wait for a passing model.
+            raise VerificationFailed(
+                f"verification failed ({'; '.join(outputs.reasons) or 'see verification.json'}); "  # type: ignore[attr-defined]
+                f"the card is not written and nothing is pushed: uptrain longer (uptrain.tokens/steps) "
+                f"or loosen verify.tolerance, then re-run"
+            )
+    return results

@@ -1,0 +1,286 @@
+"""The pipeline's stages: plan → convert → uptrain → verify → card → push.
+
+Each stage is an object with
+- `inputs(run)`: the settings its result depends on (hashed, with the stage before it, into its
+  fingerprint: a changed input re-runs it and every later stage, never an earlier one);
+- `run(ctx, resuming)`: its body, a thin call into the library function of the stage, returning
+  its typed outputs (kept in state.json, so a later run that skips the stage still has them);
+- `after_skip(ctx)`: what a skipped stage must still do (keep RUN_DIR/model pointing right).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar, Optional
+
+from pydantic import BaseModel
+
+from ..errors import ConfigError
+from ..settings import RunSettings, UptrainConfig
+
+
+# --------------------------------------------------------------------------- what stages share
+@dataclass
+class RunContext:
+    recipe: RunSettings
+    run_dir: Path
+    log: Callable[[str], None] = print
+    outputs: dict[str, BaseModel] = field(default_factory=dict)  # per stage, this run or a skipped earlier one
+    _source_dir: Optional[Path] = None  # the source as a local folder, resolved once
+
+    @property
+    def final_model(self) -> Path:
+        """RUN_DIR/model: the model that is verified, carded and pushed."""
+        return self.run_dir / "model"
+
+    def source_dir(self, *, config_only: bool = False) -> Path:
+        from ..source import resolve_source
+
+        if self._source_dir is not None:
+            return self._source_dir
+        r = self.recipe
+        folder = resolve_source(r.source, revision=r.revision, config_only=config_only,
+                                allow_pickle=r.convert.allow_pickle)
+        if not config_only:
+            self._source_dir = folder
+        return folder
+
+    def link_final_model(self, target: Path) -> None:
+        tmp = self.run_dir / ".model.tmp-link"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(os.path.relpath(target, self.run_dir))
+        os.replace(tmp, self.final_model)
+
+    def command(self) -> str:
+        return "gqa-convert " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+class Stage:
+    name: ClassVar[str]
+    Outputs: ClassVar[type[BaseModel]]
+
+    def inputs(self, run: RunSettings) -> dict:
+        raise NotImplementedError
+
+    def run(self, ctx: RunContext, *, resuming: bool) -> BaseModel:
+        raise NotImplementedError
+
+    def after_skip(self, ctx: RunContext) -> None:
+        pass
+
+
+def _base(run: RunSettings) -> dict:
+    return {"source": run.source, "revision": run.revision}
+
+
+# --------------------------------------------------------------------------- plan
+class PlanOutputs(BaseModel):
+    kv_heads: int
+    recommended_kv_heads: int
+    plan: str
+
+
+class PlanStage(Stage):
+    name, Outputs = "plan", PlanOutputs
+
+    def inputs(self, run: RunSettings) -> dict:
+        return {**_base(run), "context": run.context, "kv_heads": run.kv_heads, "q_heads": run.q_heads,
+                "max_loss_increase": run.max_loss_increase, "law": run.law}
+
+    def run(self, ctx: RunContext, *, resuming: bool) -> PlanOutputs:
+        from ..architectures import read_config
+        from ..fileio import write_json_atomic
+        from ..law.loss import load_law
+        from ..plan import format_plan, plan_conversion, write_plot
+
+        r = ctx.recipe
+        out = ctx.run_dir / "plan"
+        out.mkdir(exist_ok=True)
+        p = plan_conversion(read_config(ctx.source_dir(config_only=True)), r.context, source=r.source,
+                            max_loss_increase=r.max_loss_increase, law=load_law(r.law) if r.law else None)
+        write_json_atomic(out / "plan.json", p.to_dict())
+        write_plot(p, out / "plan.png")
+        ctx.log(format_plan(p))
+        kv = p.recommended.kv_heads if r.kv_heads == "auto" else int(r.kv_heads)
+        if r.kv_heads == "auto":
+            ctx.log(f"[plan] --kv-heads auto: the law recommends {kv} KV heads at T={r.context}")
+        return PlanOutputs(kv_heads=kv, recommended_kv_heads=p.recommended.kv_heads, plan=str(out / "plan.json"))
+
+
+# --------------------------------------------------------------------------- convert
+class ConvertOutputs(BaseModel):
+    model: str
+    old_kv: int
+    new_kv: int
+    method: str
+
+
+class ConvertStage(Stage):
+    name, Outputs = "convert", ConvertOutputs
+
+    def inputs(self, run: RunSettings) -> dict:
+        spec = run.calibration_spec()
+        calib = None if spec is None else [spec.source, spec.text_field, spec.split, spec.config_name,
+                                           spec.first_train_doc]
+        return {**_base(run), **run.convert.model_dump(), "q_heads": run.q_heads, "calibration": calib}
+
+    def run(self, ctx: RunContext, *, resuming: bool) -> ConvertOutputs:
+        from ..convert import convert_checkpoint
+        from ..train.data import TrainingDocuments
+
+        r = ctx.recipe
+        target = ctx.run_dir / "converted"
+        spec = r.calibration_spec() if r.convert.method != "mean" or r.q_heads else None
+        res = convert_checkpoint(
+            ctx.source_dir(), target, ctx.outputs["plan"].kv_heads, method=r.convert.method,  # type: ignore[attr-defined]
+            max_shard_size=r.convert.max_shard_size, overwrite=True, allow_pickle=r.convert.allow_pickle,
+            calib_data=TrainingDocuments(spec) if spec else None, calib_tokens=r.convert.calib_tokens,
+            q_heads=r.q_heads, q_method=r.convert.q_method,
+        )
+        ctx.link_final_model(target)
+        ctx.log(f"[convert] {res.family}: {res.old_shape.n_kv} -> {res.new_shape.n_kv} KV heads ({res.method}), "
+                f"written to {target}")
+        return ConvertOutputs(model=str(target), old_kv=res.old_shape.n_kv, new_kv=res.new_shape.n_kv,
+                              method=res.method)
+
+    def after_skip(self, ctx: RunContext) -> None:
+        ctx.link_final_model(Path(ctx.outputs["convert"].model))  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- uptrain
+class UptrainOutputs(BaseModel):
+    model: str
+    skipped: bool = False
+    steps: Optional[int] = None
+    tokens: Optional[int] = None
+    final_loss: Optional[float] = None
+
+
+class UptrainStage(Stage):
+    name, Outputs = "uptrain", UptrainOutputs
+
+    def inputs(self, run: RunSettings) -> dict:
+        return {"context": run.context, **run.uptrain.model_dump()}
+
+    def run(self, ctx: RunContext, *, resuming: bool) -> UptrainOutputs:
+        r = ctx.recipe
+        converted = ctx.outputs["convert"].model  # type: ignore[attr-defined]
+        if not r.uptrain.enabled:
+            ctx.link_final_model(Path(converted))
+            return UptrainOutputs(model=converted, skipped=True)
+        from ..train.uptrain import uptrain
+
+        u = r.uptrain
+        target = ctx.run_dir / "uptrain"
+        # Same settings and a checkpoint on disk: continue. Otherwise the folder holds a run of other
+        # settings (or one killed before its first checkpoint): start over.
+        resume = resuming and any((target / d).is_dir() for d in ("checkpoint", "checkpoint.old"))
+        if not resume and target.exists():
+            shutil.rmtree(target)
+        distill_from = u.distill_from or (str(ctx.source_dir()) if u.distill_weight > 0 else None)
+        settings = u.model_dump(exclude={"enabled"})
+        cfg = UptrainConfig(**{**settings, "distill_from": distill_from}, model=converted, context=r.context,
+                            output=str(target), resume=resume)
+        res = uptrain(cfg)
+        ctx.link_final_model(res.output)
+        return UptrainOutputs(model=str(res.output), steps=res.steps, tokens=res.tokens, final_loss=res.final_loss)
+
+    def after_skip(self, ctx: RunContext) -> None:
+        ctx.link_final_model(Path(ctx.outputs["uptrain"].model))  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- verify
+class VerifyOutputs(BaseModel):
+    passed: bool
+    reasons: list[str] = []
+    verification: str
+
+
+class VerifyStage(Stage):
+    name, Outputs = "verify", VerifyOutputs
+
+    def inputs(self, run: RunSettings) -> dict:
+        text = run.verify_source()
+        fmt = text[1].model_dump(include={"text_field", "data_split", "data_config"}) if text else None
+        return {"context": run.context, **run.verify.model_dump(), "data": text[0] if text else None,
+                "format": fmt, "law": run.law}
+
+    def run(self, ctx: RunContext, *, resuming: bool) -> VerifyOutputs:
+        from ..verify import format_table, verify_model
+
+        r = ctx.recipe
+        text = r.verify_source()
+        if text is None:
+            raise ConfigError("verify needs held-out text: set verify.data (or uptrain.data) in the recipe, or --data")
+        data, fmt = text
+        settings = r.verify.model_copy(update=fmt.model_dump(include={"text_field", "data_split", "data_config"}))
+        report = verify_model(ctx.final_model.resolve(), str(ctx.source_dir()), data, r.context, settings=settings,
+                              card=False, command=ctx.command(), law_path=r.law)
+        ctx.log(format_table(report))
+        return VerifyOutputs(passed=report.passed, reasons=report.reasons,
+                             verification=str(ctx.final_model / "verification.json"))
+
+
+# --------------------------------------------------------------------------- card
+class CardOutputs(BaseModel):
+    card: str
+
+
+class CardStage(Stage):
+    name, Outputs = "card", CardOutputs
+
+    def inputs(self, run: RunSettings) -> dict:
+        return {"push_repo": run.push.repo if run.push else None, **run.card.model_dump()}
+
+    def run(self, ctx: RunContext, *, resuming: bool) -> CardOutputs:
+        from ..card import write_model_card
+
+        r = ctx.recipe
+        repo = r.push.repo if r.push else None
+        path = write_model_card(ctx.final_model.resolve(), base_model=r.card.base_model or _base_model(r.source),
+                                repo_id=repo, reproduce=ctx.command(), license=r.card.license,
+                                title=r.card.title or (None if repo else Path(r.run_dir).name))
+        return CardOutputs(card=str(path))
+
+
+def _base_model(source: str) -> Optional[str]:
+    """The source's hub id for the card's base_model: an alias's repo, a hub id; a local folder has none."""
+    from ..settings import is_repo_id
+    from ..source import aliases
+
+    if source in aliases():
+        return aliases()[source].repo
+    return source if is_repo_id(source) and not Path(source).exists() else None
+
+
+# --------------------------------------------------------------------------- push
+class PushOutputs(BaseModel):
+    pushed: bool
+    repo: Optional[str] = None
+    commit: Optional[str] = None
+
+
+class PushStage(Stage):
+    name, Outputs = "push", PushOutputs
+
+    def inputs(self, run: RunSettings) -> dict:
+        return run.push.model_dump() if run.push else {}
+
+    def run(self, ctx: RunContext, *, resuming: bool) -> PushOutputs:
+        r = ctx.recipe
+        if r.push is None:
+            return PushOutputs(pushed=False)
+        from ..hub import push
+
+        res = push(ctx.final_model.resolve(), r.push.repo, private=r.push.private, revision=r.push.revision,
+                   force=r.push.force, commit_message=r.push.message)
+        return PushOutputs(pushed=True, repo=r.push.repo, commit=res.commit_url)
+
+
+STAGES: list[Stage] = [PlanStage(), ConvertStage(), UptrainStage(), VerifyStage(), CardStage(), PushStage()]

@@ -1,0 +1,195 @@
+"""The run records a model folder carries, each one typed model with one writer and one reader.
+
+    gqa_convert.json   ConversionRecord    written by convert (and kept by uptrain)
+    uptrain.json       UptrainRecord       written by uptrain, beside the final model
+    verification.json  VerificationRecord  written by verify
+
+They are published with the model, so they hold names and hub ids, never local paths. Each has a
+`schema_version`; a reader accepts files of older versions (missing fields take their defaults)
+and ignores keys it does not know, so a newer file still reads. No torch here: the card, the
+pipeline and push read them without the training stack.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Optional, TypeVar, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import CheckpointError
+from .fileio import write_json_atomic
+
+R = TypeVar("R", bound="Record")
+
+
+class Record(BaseModel):
+    # Reading is lenient (extra keys ignored) so that files written by other versions still load.
+    model_config = ConfigDict(extra="ignore")
+    FILE: ClassVar[str]
+    VERSION: ClassVar[int] = 1
+    schema_version: int = 1
+
+    def write(self, folder: Union[str, Path]) -> Path:
+        """The one writer: FOLDER/FILE, atomically (never half-written)."""
+        data = self.model_dump(mode="json")
+        data["schema_version"] = self.VERSION
+        return write_json_atomic(Path(folder) / self.FILE, data)
+
+    @classmethod
+    def read(cls: type[R], folder: Union[str, Path]) -> Optional[R]:
+        """The one reader: the record in FOLDER, None when there is none, CheckpointError when it
+        is damaged (one line, saying what to re-run)."""
+        path = Path(folder) / cls.FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            return cls.model_validate(data)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValidationError, RecursionError) as err:
+            first = str(err).splitlines()[0][:120]
+            raise CheckpointError(f"{path} is damaged ({first}); re-run the step that wrote it") from None
+
+
+class Heads(BaseModel):
+    n_heads: int
+    n_kv: int
+    head_dim: int
+
+
+class HeadLayout(Heads):
+    hidden: int
+
+
+class ConversionRecord(Record):
+    FILE: ClassVar[str] = "gqa_convert.json"
+    version: str = ""  # gqa-convert's
+    source: str = "unknown"  # a hub id or alias as given; a local folder by its name only
+    source_repo: Optional[str] = None  # the alias's hub repo
+    source_path: Optional[str] = None  # never written by convert (published); a caller may record one
+    revision: Optional[str] = None
+    family: str = ""
+    old: Optional[HeadLayout] = None
+    new: Optional[HeadLayout] = None
+    method: str = "mean"
+    report: dict[str, Any] = Field(default_factory=dict)  # per layer (and "summary") from a merge method
+    query_heads: Optional["QueryHeads"] = None  # the query-head change (convert q_heads); None: unchanged
+
+
+class QueryHeadLayer(BaseModel):
+    """One layer of a query-head reduction (gqa_convert.merge.qheads.LayerChoice)."""
+
+    scores: list[float]  # per old query head: mean squared norm of its o_proj output per token
+    kept: list[int]  # old query-head indices kept
+    selection: str  # "scores" or "greedy"
+    rel_error_prune: float  # relative block-output error with o_proj's columns unchanged
+    rel_error_merge: Optional[float] = None  # with the least-squares o_proj (merge only)
+
+
+class QueryHeads(BaseModel):
+    """The query-head change of a conversion (gqa_convert.merge.qheads.QueryHeadReport)."""
+
+    old: int
+    new: int
+    method: str  # "prune" or "merge"
+    calibration_tokens: int
+    calibration_cache: str = ""  # the cache folder's name
+    layers: dict[str, QueryHeadLayer] = Field(default_factory=dict)
+    summary: dict[str, Optional[float]] = Field(default_factory=dict)  # mean rel_error_* over layers
+
+
+ConversionRecord.model_rebuild()
+
+
+class UptrainRecord(Record):
+    """What uptraining did: its settings (local paths by name) and what it measured."""
+
+    FILE: ClassVar[str] = "uptrain.json"
+    model: Optional[str] = None  # the converted model it started from, by name
+    data: Optional[str] = None  # the text, by name or dataset id
+    dataset_id: Optional[str] = None
+    context: Optional[int] = None
+    steps: int = 0
+    tokens: int = 0  # training tokens consumed
+    final_loss: Optional[float] = None  # mean training loss of the last step
+    tokens_per_s: Optional[float] = None
+    attn_implementation: Optional[str] = None
+    heldout_docs: Optional[int] = None
+    train_start: Optional[int] = None
+    resumed_from: int = 0
+    settings: dict[str, Any] = Field(default_factory=dict)  # UptrainSettings as run
+    command: Optional[str] = None
+
+
+class Check(BaseModel):
+    name: str
+    passed: bool
+    detail: str
+
+
+class DataUsed(BaseModel):
+    name: str
+    dataset_id: Optional[str] = None
+    documents: int
+    tokens: int
+    selection: str
+
+
+class LossReport(BaseModel):
+    source: float
+    converted: float
+    source_perplexity: float
+    converted_perplexity: float
+    delta: float  # the law's change for this head change
+    predicted: float  # source + delta
+    tolerance: float
+    limit: float  # predicted + tolerance
+    law: str
+    notes: list[str] = Field(default_factory=list)
+
+
+class CostRow(BaseModel):
+    measured: int
+    predicted: int
+    rel_error: float
+
+
+class CostPair(BaseModel):
+    source: CostRow
+    converted: CostRow
+
+
+class CostReport(BaseModel):
+    dtype: str
+    limit: float
+    kv_cache_bytes: CostPair
+    flops_per_token: CostPair
+    cache_tokens: dict[str, list[int]] = Field(default_factory=dict)
+
+
+class Params(BaseModel):
+    source_non_embedding: int
+    converted_non_embedding: int
+
+
+class VerificationRecord(Record):
+    FILE: ClassVar[str] = "verification.json"
+    passed: bool
+    reasons: list[str] = Field(default_factory=list)
+    checks: list[Check] = Field(default_factory=list)
+    model: str
+    weights_sha256: dict[str, str] = Field(default_factory=dict)  # ties the verdict to the exact weights
+    source: str
+    source_id: Optional[str] = None  # hub repo id of the source, when it has one
+    source_path: Optional[str] = None  # never written by verify (published); a caller may record one
+    source_licence: Optional[dict[str, str]] = None
+    context: int
+    data: DataUsed
+    heads: dict[str, Heads]  # "source", "converted"
+    params: Params
+    loss: LossReport
+    costs: CostReport
+    versions: dict[str, str] = Field(default_factory=dict)
+    created: str = ""
+    command: Optional[str] = None
