@@ -86,9 +86,7 @@ class TensorReader:
                     "loaded; pass --allow-pickle (allow_pickle=True) to read them with weights_only=True"
                 )
             self.pickle = True
-            self.weight_map = (
-                _read_index(self.folder / PICKLE_INDEX) if (self.folder / PICKLE_INDEX).exists() else None
-            )
+            self.weight_map = _read_index(self.folder / PICKLE_INDEX) if (self.folder / PICKLE_INDEX).exists() else None
         else:
             raise CheckpointError(
                 f"no weights in {self.folder}: expected model.safetensors or model.safetensors.index.json"

@@ -26,12 +26,12 @@ from torch import Tensor
 
 from . import __version__
 from .architectures import Family, get_family, head_shape, new_shape
-from .records import ConversionRecord, HeadLayout
 from .checkpoint import SAFE_INDEX, ShardWriter, TensorBytes, TensorReader
-from .units import parse_size
 from .errors import CheckpointError, ConfigError, InvalidHeadCountError, OutputError
+from .records import ConversionRecord, HeadLayout
 from .regroup import METHODS, HeadShape, LayerMethod, valid_kv_counts, valid_q_counts
 from .source import aliases, cache_dir, load_config, resolve_source
+from .units import parse_size
 
 # Files of a source folder that are never copied: weights (rewritten), the config (rewritten),
 # the old model card (describes another model), our own record.
@@ -54,7 +54,8 @@ class ConvertResult:
     bytes_written: int = 0
     weight_files: list[str] = field(default_factory=list)
     peak_tensor_bytes: int = 0  # most tensor bytes the writer held at once
-    report: dict[int, Any] = field(default_factory=dict)  # per layer, filled by a merge method
+    # per layer (int keys) and a "summary", filled by a merge method
+    report: dict[Union[int, str], Any] = field(default_factory=dict)
     query_heads: Optional[Any] = None  # merge.qheads.QueryHeadReport when the query heads changed
 
     def to_dict(self) -> dict:
@@ -208,8 +209,9 @@ def convert_checkpoint(
         _write_weights(reader, family, layers, old, new, layer_fn, max_bytes, tmp, result, progress)
         _copy_side_files(src, tmp)
         (tmp / "config.json").write_text(json.dumps(family.updated_config(config, kv_heads, n_q), indent=2) + "\n")
-        if isinstance(getattr(fn, "report", None), dict):
-            result.report = dict(fn.report)
+        fn_report = getattr(fn, "report", None)
+        if isinstance(fn_report, dict):
+            result.report = dict(fn_report)
             summary = result.report.get("summary")
             if isinstance(method, str) and isinstance(summary, dict) and "plot" in summary:
                 summary["plot"] = MERGE_PLOT  # relative: the folder is renamed into place
@@ -260,7 +262,8 @@ def _check_q_heads(
         raise ConfigError(f"unknown query-head method {q_method!r}; choose one of prune, merge")
     if calib_data is None:
         raise ConfigError(
-            f"q_heads {q_heads} ({q_method}) needs calibration text to measure the heads: pass calib_data (--calib-data)"
+            f"q_heads {q_heads} ({q_method}) needs calibration text to measure the heads: "
+            "pass calib_data (--calib-data)"
         )
     return q_heads
 

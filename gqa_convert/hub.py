@@ -13,25 +13,22 @@ is passed to the client only, never printed or written.
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
-import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .fileio import write_text_atomic
 from .errors import (
     AccessError,
     CheckpointError,
     ConfigError,
-    GqaConvertError,
-    HubError,
     SourceNotFoundError,
     VerificationFailed,
 )  # fmt: skip
+from .fileio import write_text_atomic
+from .huberrors import _first_line, hub_error
+from .settings import is_repo_id
 
 # What a published model folder holds (matched against the path relative to the folder).
 UPLOAD_PATTERNS = [
@@ -47,7 +44,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".
 TRAINING_STATE = ("optimizer*", "scheduler*", "rng_state*", "trainer_state*", "training_args*")
 TRAINING_DIRS = ("checkpoint", "checkpoints", "checkpoint-*", "checkpoint.*", "runs", "logs", ".cache", ".*")
 MAX_FILE_BYTES = 50 * 1000**3  # the hub refuses single files over 50 GB
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 @dataclass
@@ -95,7 +91,8 @@ def plan_upload(folder: Path) -> UploadPlan:
             size = path.stat().st_size
             if size > MAX_FILE_BYTES:
                 raise CheckpointError(
-                    f"{rel} is {size / 1e9:.1f} GB; the hub refuses files over 50 GB: re-save with a smaller max shard size"
+                    f"{rel} is {size / 1e9:.1f} GB; the hub refuses files over 50 GB: "
+                    "re-save with a smaller max shard size"
                 )
             plan.files.append((rel, size))
         else:
@@ -176,51 +173,6 @@ def validate_card(folder: Path, *, remote: bool, token: Optional[str] = None) ->
             raise hub_error(err, "the card validator", "validate the model card") from None
 
 
-def _first_line(err: Exception) -> str:
-    """The hub's own message, one line: the JSON `error` field when the body is JSON."""
-    text = str(err).strip()
-    try:
-        text = str(json.loads(text).get("error", text))
-    except (ValueError, AttributeError):
-        pass
-    return (text.splitlines() or [type(err).__name__])[0][:300]
-
-
-def hub_error(err: Exception, repo_id: str, action: str) -> GqaConvertError:
-    """A one-line project error for a huggingface_hub / HTTP failure while doing `action` on `repo_id`."""
-    from huggingface_hub import constants
-    from huggingface_hub import errors as hf
-
-    if isinstance(err, GqaConvertError):
-        return err
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    login = "log in with `hf auth login`, set HF_TOKEN or pass --token"
-    if isinstance(err, hf.GatedRepoError):
-        return AccessError(f"{repo_id} is gated: accept its terms on the hub, then {login}")
-    if isinstance(err, hf.RepositoryNotFoundError):
-        if status == 401:
-            return AccessError(f"{repo_id} is private or does not exist and no valid token was sent: {login}")
-        return SourceNotFoundError(f"hub repo {repo_id} does not exist (or your token cannot see it): check the id")
-    if isinstance(err, hf.RevisionNotFoundError):
-        return SourceNotFoundError(f"that revision does not exist in {repo_id}: check the branch, tag or commit")
-    if isinstance(err, hf.HfHubHTTPError) and status is not None:
-        if status in (401, 403):
-            return AccessError(
-                f"the hub refused to {action} {repo_id} (HTTP {status}): use a token with write access to it; {login}"
-            )
-        if status >= 500:
-            return HubError(
-                f"the hub failed to {action} {repo_id} (HTTP {status}); nothing was committed, re-run the command"
-            )
-        return HubError(f"the hub refused to {action} {repo_id} (HTTP {status}: {str(err).splitlines()[0][:200]})")
-    if isinstance(err, hf.OfflineModeIsEnabled):
-        return HubError(f"cannot {action} {repo_id}: HF_HUB_OFFLINE is set; unset it to reach the hub")
-    return HubError(
-        f"cannot reach the hub at {constants.ENDPOINT} to {action} {repo_id} ({type(err).__name__}); "
-        "check the connection or HF_ENDPOINT, then re-run (nothing was committed)"
-    )
-
-
 def push(
     folder: Path,
     repo_id: str,
@@ -251,7 +203,7 @@ def push(
         >>> push(Path("out/llama-gqa2"), "me/llama-gqa2", dry_run=True)  # doctest: +SKIP
     """
     folder = Path(folder)
-    if not REPO_ID.match(repo_id or ""):
+    if not is_repo_id(repo_id or ""):
         raise ConfigError(f"--repo must look like user/name or org/name, not {repo_id!r}")
     plan = plan_upload(folder)
     refusal = None
@@ -302,58 +254,3 @@ def push(
     except Exception as err:  # every failure becomes one actionable line
         raise hub_error(err, repo_id, "push to") from None
     return PushResult(repo_id, branch, plan, commit_url=str(info.commit_url), commit_oid=info.oid)
-
-
-def _human(size: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size} B"
-
-
-def _run_push(args: argparse.Namespace) -> int:
-    result = push(
-        Path(args.dir),
-        args.repo,
-        private=args.private,
-        revision=args.revision,
-        dry_run=args.dry_run,
-        force=args.force,
-        token=args.token,
-        commit_message=args.message,
-    )
-    plan = result.plan
-    width = max(len(rel) for rel, _ in plan.files)
-    head = "would upload" if args.dry_run else "uploaded"
-    print(f"{head} {len(plan.files)} files ({_human(plan.total_bytes)}) to {result.repo_id}@{result.revision}:")
-    for rel, size in plan.files:
-        print(f"  {rel:<{width}}  {_human(size):>9}")
-    for rel, why in plan.skipped:
-        print(f"  skipped {rel}: {why}")
-    if args.force and not (Path(args.dir) / "verification.json").is_file():
-        print("warning: pushed with --force and no verification.json")
-    if result.commit_url:
-        print(f"commit: {result.commit_url}")
-    if result.refusal:
-        print(f"gqa-convert: error: a real push would be refused: {result.refusal}", file=sys.stderr)
-        return VerificationFailed.exit_code
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser(
-        "push",
-        help="publish a verified model folder to the hub in one commit",
-        description="Upload safetensors weights, config, tokenizer, model card, verification.json and plots "
-        "in one commit. Refuses unverified or failed folders unless --force; never uploads pickle files.",
-    )
-    p.add_argument("dir", metavar="DIR", help="converted model folder")
-    p.add_argument("--repo", required=True, help="target repo, user/name or org/name")
-    p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument("--revision", default=None, help="branch to commit to (created from main if missing)")
-    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded and its size; send nothing")
-    p.add_argument("--force", action="store_true", help="push even if verification is missing or failed")
-    p.add_argument("--token", default=None, help="hub token (default: HF_TOKEN or the `hf auth login` token)")
-    p.add_argument("--message", default=None, help="commit message")
-    p.set_defaults(func=_run_push)

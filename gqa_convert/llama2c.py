@@ -156,7 +156,7 @@ def hf_config(h: Llama2cHeader):
         head_dim=h.head_dim,
         max_position_embeddings=h.seq_len,
         rms_norm_eps=1e-5,
-        rope_theta=10000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         hidden_act="silu",
         attention_bias=False,
         mlp_bias=False,
@@ -221,13 +221,9 @@ def build_tokenizer(pieces: list[tuple[str, float]]):
     vocab = {p: i for i, (p, _) in enumerate(pieces)}
     if len(vocab) != len(pieces):
         raise CheckpointError("the llama2.c tokenizer has duplicate pieces; cannot build a BPE vocabulary")
-    tok = Tokenizer(
-        BPE(vocab=vocab, merges=bpe_merges(pieces), unk_token=UNK, fuse_unk=True, byte_fallback=True)
-    )
+    tok = Tokenizer(BPE(vocab=vocab, merges=bpe_merges(pieces), unk_token=UNK, fuse_unk=True, byte_fallback=True))
     # run.c: prepend a space (the dummy prefix) to non-empty text, spaces are word markers.
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.Prepend(SPM_SPACE), normalizers.Replace(" ", SPM_SPACE)]
-    )
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPM_SPACE), normalizers.Replace(" ", SPM_SPACE)])
     tok.decoder = decoders.Sequence(
         [
             decoders.Replace(SPM_SPACE, " "),

@@ -18,7 +18,6 @@ are listed, marked as outside the paper (neither paper has a recipe for them), n
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,16 +97,25 @@ def _pct(new: float, old: float) -> float:
     return 100.0 * (1 - new / old) if old else 0.0
 
 
-def plan_conversion(config: Union[Mapping[str, Any], ModelShape], context: int, *,
-                    max_loss_increase: float = DEFAULT_MAX_LOSS_INCREASE, dtype: str = "bf16",
-                    law: Optional[LossLaw] = None, query_options: bool = True, source: str = "") -> Plan:
+def plan_conversion(
+    config: Union[Mapping[str, Any], ModelShape],
+    context: int,
+    *,
+    max_loss_increase: float = DEFAULT_MAX_LOSS_INCREASE,
+    dtype: str = "bf16",
+    law: Optional[LossLaw] = None,
+    query_options: bool = True,
+    source: str = "",
+) -> Plan:
     """Every feasible head configuration of a conversion of `config`, with costs and the law's delta."""
     shape = config if isinstance(config, ModelShape) else load_shape(config)
     if isinstance(context, str):
         context = parse_count(context, what="context", binary_k=True)
     if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
         raise ConfigError(f"context must be a positive number of tokens, not {context!r}")
-    if not (isinstance(max_loss_increase, (int, float)) and math.isfinite(max_loss_increase) and max_loss_increase >= 0):
+    if not (
+        isinstance(max_loss_increase, (int, float)) and math.isfinite(max_loss_increase) and max_loss_increase >= 0
+    ):
         raise ConfigError(f"max-loss-increase must be a number ≥ 0 (nats), not {max_loss_increase!r}")
     dtype_bytes(dtype)
     law = law or load_law()
@@ -126,46 +134,89 @@ def plan_conversion(config: Union[Mapping[str, Any], ModelShape], context: int, 
         if src_loss is not None and law.has(q, k):
             delta = law.loss(new.non_embedding_params, q, k) - src_loss
             if delta < 0:  # guard: impossible with the shipped (monotone) law, possible with a law file
-                notes.append("the law predicts a LOWER loss with fewer heads here: outside its reliable range "
-                             "(this law is not monotone in the heads at this size); not recommended")
+                notes.append(
+                    "the law predicts a LOWER loss with fewer heads here: outside its reliable range "
+                    "(this law is not monotone in the heads at this size); not recommended"
+                )
         else:
             notes.append("the law has no coefficients for this configuration")
         if k < min(COMMON_PARALLEL_DEGREE, shape.n_kv):
-            notes.append(f"{k} KV head{'s cap' if k > 1 else ' caps'} tensor-parallel and Ulysses sequence-parallel degree at {k}")
+            notes.append(
+                f"{k} KV head{'s cap' if k > 1 else ' caps'} tensor-parallel and Ulysses sequence-parallel "
+                f"degree at {k}"
+            )
         if outside:
             notes.append("query heads reduced: outside the paper (no recipe; expect a larger loss than predicted)")
-        options.append(PlanOption(
-            q_heads=q, kv_heads=k, outside_paper=outside, is_source=(q, k) == (shape.n_heads, shape.n_kv),
-            non_embedding_params=new.non_embedding_params, predicted_loss_delta=delta,
-            kv_cache_bytes=rep.kv_cache_bytes, flops_per_token=rep.flops_per_token, z=rep.z,
-            kv_cache_saved_pct=_pct(rep.kv_cache_bytes, src_cost.kv_cache_bytes),
-            flops_saved_pct=_pct(rep.flops_per_token, src_cost.flops_per_token),
-            z_saved_pct=_pct(rep.z, src_cost.z), max_parallel_degree=k, notes=notes,
-        ))
-    allowed = [o for o in options if not o.outside_paper and (o.is_source or (
-        o.predicted_loss_delta is not None and 0 <= o.predicted_loss_delta <= max_loss_increase))]
+        options.append(
+            PlanOption(
+                q_heads=q,
+                kv_heads=k,
+                outside_paper=outside,
+                is_source=(q, k) == (shape.n_heads, shape.n_kv),
+                non_embedding_params=new.non_embedding_params,
+                predicted_loss_delta=delta,
+                kv_cache_bytes=rep.kv_cache_bytes,
+                flops_per_token=rep.flops_per_token,
+                z=rep.z,
+                kv_cache_saved_pct=_pct(rep.kv_cache_bytes, src_cost.kv_cache_bytes),
+                flops_saved_pct=_pct(rep.flops_per_token, src_cost.flops_per_token),
+                z_saved_pct=_pct(rep.z, src_cost.z),
+                max_parallel_degree=k,
+                notes=notes,
+            )
+        )
+    allowed = [
+        o
+        for o in options
+        if not o.outside_paper
+        and (o.is_source or (o.predicted_loss_delta is not None and 0 <= o.predicted_loss_delta <= max_loss_increase))
+    ]
     rec = min(allowed, key=lambda o: (o.z, -o.kv_heads))
     warnings = []
     if rec.kv_heads < min(COMMON_PARALLEL_DEGREE, shape.n_kv):
-        warnings.append(f"recommended {rec.kv_heads} KV head{'s cap' if rec.kv_heads > 1 else ' caps'} tensor-parallel and Ulysses sequence-parallel degree at {rec.kv_heads}")
+        warnings.append(
+            f"recommended {rec.kv_heads} KV head{'s cap' if rec.kv_heads > 1 else ' caps'} tensor-parallel "
+            f"and Ulysses sequence-parallel degree at {rec.kv_heads}"
+        )
     n = shape.non_embedding_params
     warnings += law.extrapolation_notes(n, shape.n_heads, shape.n_kv, context)
     if any(o.predicted_loss_delta is not None and o.predicted_loss_delta < 0 for o in options if not o.is_source):
-        warnings.append(f"the law predicts lower loss with fewer heads at N={n:,}: it is not monotone in the heads here "
-                        "and unreliable; use the shipped (monotone) law, fit your own (`gqa-convert law fit`) or treat deltas as unknown")
+        warnings.append(
+            f"the law predicts lower loss with fewer heads at N={n:,}: it is not monotone in the heads here "
+            "and unreliable; use the shipped (monotone) law, fit your own (`gqa-convert law fit`) "
+            "or treat deltas as unknown"
+        )
     if src_loss is None:
-        warnings.append(f"the law has no coefficients for the source heads ({shape.n_heads},{shape.n_kv}); no loss deltas")
+        warnings.append(
+            f"the law has no coefficients for the source heads ({shape.n_heads},{shape.n_kv}); no loss deltas"
+        )
     warnings.append("predicted deltas assume uptraining after conversion (law.md: the law read as a delta)")
-    return Plan(source, shape, context, dtype, float(max_loss_increase), options, rec, warnings,
-                law.provenance.splitlines()[0] if law.provenance else "")
+    return Plan(
+        source,
+        shape,
+        context,
+        dtype,
+        float(max_loss_increase),
+        options,
+        rec,
+        warnings,
+        law.provenance.splitlines()[0] if law.provenance else "",
+    )
 
 
-def recommend_kv_heads(source_dir_or_config: Union[str, Path, Mapping[str, Any], ModelShape], context: int, *,
-                       max_loss_increase: float = DEFAULT_MAX_LOSS_INCREASE, dtype: str = "bf16",
-                       law: Optional[LossLaw] = None) -> int:
+def recommend_kv_heads(
+    source_dir_or_config: Union[str, Path, Mapping[str, Any], ModelShape],
+    context: int,
+    *,
+    max_loss_increase: float = DEFAULT_MAX_LOSS_INCREASE,
+    dtype: str = "bf16",
+    law: Optional[LossLaw] = None,
+) -> int:
     """The KV-head count `--kv-heads auto` converts to (see the rule in this module's docstring)."""
     shape = load_shape(source_dir_or_config)
-    plan = plan_conversion(shape, context, max_loss_increase=max_loss_increase, dtype=dtype, law=law, query_options=False)
+    plan = plan_conversion(
+        shape, context, max_loss_increase=max_loss_increase, dtype=dtype, law=law, query_options=False
+    )
     return plan.recommended.kv_heads
 
 
@@ -177,19 +228,25 @@ def _gib(n: float) -> str:
 def format_plan(plan: Plan) -> str:
     s = plan.shape
     lines = [
-        f"Plan for {plan.source or 'model'}: L={s.n_layers} d={s.hidden} heads={s.n_heads} kv={s.n_kv} d_h={s.head_dim} "
-        f"N_non-emb={s.non_embedding_params:,} | context {plan.context:,} tokens, {plan.dtype}",
-        f"{'':2}{'q':>4} {'kv':>4} {'Δloss':>8} {'KV cache':>12} {'saved':>7} {'FLOPs/token':>14} {'saved':>7} {'Z':>10} {'saved':>7}  notes",
+        f"Plan for {plan.source or 'model'}: L={s.n_layers} d={s.hidden} heads={s.n_heads} kv={s.n_kv} "
+        f"d_h={s.head_dim} N_non-emb={s.non_embedding_params:,} | context {plan.context:,} tokens, {plan.dtype}",
+        f"{'':2}{'q':>4} {'kv':>4} {'Δloss':>8} {'KV cache':>12} {'saved':>7} "
+        f"{'FLOPs/token':>14} {'saved':>7} {'Z':>10} {'saved':>7}  notes",
     ]
     for o in plan.options:
         mark = "*" if o is plan.recommended else ("†" if o.outside_paper else " ")
         delta = "n/a" if o.predicted_loss_delta is None else f"{o.predicted_loss_delta:+.4f}"
-        note = "; ".join((["source"] if o.is_source else []) + o.notes[:1 if o.outside_paper else 2])
-        lines.append(f"{mark:2}{o.q_heads:>4} {o.kv_heads:>4} {delta:>8} {_gib(o.kv_cache_bytes):>12} {o.kv_cache_saved_pct:>6.1f}% "
-                     f"{o.flops_per_token:>14,} {o.flops_saved_pct:>6.1f}% {o.z:>10.4g} {o.z_saved_pct:>6.1f}%  {note}")
+        note = "; ".join((["source"] if o.is_source else []) + o.notes[: 1 if o.outside_paper else 2])
+        lines.append(
+            f"{mark:2}{o.q_heads:>4} {o.kv_heads:>4} {delta:>8} {_gib(o.kv_cache_bytes):>12} "
+            f"{o.kv_cache_saved_pct:>6.1f}% {o.flops_per_token:>14,} {o.flops_saved_pct:>6.1f}% "
+            f"{o.z:>10.4g} {o.z_saved_pct:>6.1f}%  {note}"
+        )
     r = plan.recommended
-    lines.append(f"Recommended: {r.q_heads} query heads, {r.kv_heads} KV heads (lowest Z with predicted loss increase ≤ "
-                 f"{plan.max_loss_increase:g}); † = query-head reduction, outside the paper.")
+    lines.append(
+        f"Recommended: {r.q_heads} query heads, {r.kv_heads} KV heads (lowest Z with predicted loss increase ≤ "
+        f"{plan.max_loss_increase:g}); † = query-head reduction, outside the paper."
+    )
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
 
@@ -205,21 +262,41 @@ def write_plot(plan: Plan, path: Union[str, Path]) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     opts = [o for o in plan.options if o.predicted_loss_delta is not None]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, attr, label in ((axes[0], "kv_cache_bytes", f"KV-cache bytes at T={plan.context:,} ({plan.dtype})"),
-                            (axes[1], "flops_per_token", f"forward FLOPs per token at T={plan.context:,}")):
-        for outside, marker, name in ((False, "o", "KV heads reduced"), (True, "x", "query heads reduced (outside paper)")):
+    for ax, attr, label in (
+        (axes[0], "kv_cache_bytes", f"KV-cache bytes at T={plan.context:,} ({plan.dtype})"),
+        (axes[1], "flops_per_token", f"forward FLOPs per token at T={plan.context:,}"),
+    ):
+        for outside, marker, name in (
+            (False, "o", "KV heads reduced"),
+            (True, "x", "query heads reduced (outside paper)"),
+        ):
             sel = [o for o in opts if o.outside_paper == outside]
             if sel:
-                ax.scatter([getattr(o, attr) for o in sel], [o.predicted_loss_delta for o in sel], marker=marker, label=name)
+                ax.scatter(
+                    [getattr(o, attr) for o in sel], [o.predicted_loss_delta for o in sel], marker=marker, label=name
+                )
                 for o in sel:
-                    ax.annotate(f"{o.q_heads},{o.kv_heads}", (getattr(o, attr), o.predicted_loss_delta), fontsize=7,
-                                xytext=(3, 3), textcoords="offset points")
+                    ax.annotate(
+                        f"{o.q_heads},{o.kv_heads}",
+                        (getattr(o, attr), o.predicted_loss_delta),
+                        fontsize=7,
+                        xytext=(3, 3),
+                        textcoords="offset points",
+                    )
         src = next(o for o in plan.options if o.is_source)
         ax.scatter([getattr(src, attr)], [0.0], marker="*", s=200, c="k", label="source", zorder=3)
         r = plan.recommended
         if r.predicted_loss_delta is not None:
-            ax.scatter([getattr(r, attr)], [r.predicted_loss_delta], s=220, facecolors="none", edgecolors="r",
-                       linewidths=2, label="recommended", zorder=4)
+            ax.scatter(
+                [getattr(r, attr)],
+                [r.predicted_loss_delta],
+                s=220,
+                facecolors="none",
+                edgecolors="r",
+                linewidths=2,
+                label="recommended",
+                zorder=4,
+            )
         ax.axhline(plan.max_loss_increase, color="grey", ls="--", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel(label)
@@ -235,33 +312,3 @@ def write_plot(plan: Plan, path: Union[str, Path]) -> Path:
         plt.close(fig)
     write_bytes_atomic(p, buf.getvalue())
     return p
-
-
-def _run(args) -> int:
-    context = parse_count(args.context, what="--context", binary_k=True)
-    law = load_law(args.law) if args.law else None
-    plan = plan_conversion(load_shape(args.source), context, max_loss_increase=args.max_loss_increase,
-                           dtype=args.dtype, law=law, source=str(args.source))
-    if args.plot:
-        write_plot(plan, args.plot)
-    if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
-    else:
-        print(format_plan(plan))
-        if args.plot:
-            print(f"plot written to {args.plot}")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("plan", help="list KV-head options for a model at a context length and recommend one",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("source", help="local model folder, alias or hub id (config only is read)")
-    p.add_argument("--context", required=True, help="expected context length: 8K, 128k, 131072")
-    p.add_argument("--max-loss-increase", type=float, default=DEFAULT_MAX_LOSS_INCREASE,
-                   help=f"largest predicted loss increase (nats) a recommendation may have (default {DEFAULT_MAX_LOSS_INCREASE})")
-    p.add_argument("--dtype", default="bf16", help="KV-cache dtype for byte counts (default bf16)")
-    p.add_argument("--law", help="law file from `gqa-convert law fit` (default: shipped coefficients)")
-    p.add_argument("--json", action="store_true", help="print JSON: one entry per option and a `recommended` entry")
-    p.add_argument("--plot", help="write a PNG of predicted loss against KV memory and FLOPs")
-    p.set_defaults(func=_run)

@@ -103,7 +103,9 @@ def head_rows(heads: Sequence[int], head_dim: int) -> Tensor:
     return (torch.tensor(list(heads), dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
-def keep_query_heads(block: AttentionBlock, shape: HeadShape, keep: Sequence[int], o_w: Tensor) -> tuple[AttentionBlock, HeadShape]:
+def keep_query_heads(
+    block: AttentionBlock, shape: HeadShape, keep: Sequence[int], o_w: Tensor
+) -> tuple[AttentionBlock, HeadShape]:
     """The block with only the query heads `keep` (ascending), o_proj = o_w [hidden, len(keep)*d_h],
     and its shape. Function-preserving for the kept heads: each still reads the keys and values it read.
 

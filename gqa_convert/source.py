@@ -23,7 +23,9 @@ from typing import Optional
 import yaml
 
 from .architectures import read_config as load_config  # noqa: F401  (the one config reader)
-from .errors import AccessError, CheckpointError, HubError, SourceNotFoundError
+from .errors import CheckpointError, SourceNotFoundError
+from .huberrors import download_error
+from .settings import REPO_ID_PATTERN
 
 CONFIG_PATTERNS = ["config.json", "generation_config.json"]
 TOKENIZER_PATTERNS = [
@@ -36,7 +38,7 @@ TOKENIZER_PATTERNS = [
 SAFE_FILES = ["model.safetensors.index.json", "model.safetensors"]
 PICKLE_FILES = ["pytorch_model.bin.index.json", "pytorch_model.bin"]
 LLAMA2C_TOKENIZERS = ("tok512.bin", "tokenizer.bin")
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REPO_ID = re.compile(f"^{REPO_ID_PATTERN}$")  # the hub's user/name, as settings.is_repo_id checks it
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,7 @@ def resolve_source(
     if REPO_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return _download(spec, revision, token, config_only, allow_pickle)
     raise SourceNotFoundError(
-        f"{spec!r} is not a folder, a known alias or a hub repo id (org/name); "
-        "run `gqa-convert models` for the aliases"
+        f"{spec!r} is not a folder, a known alias or a hub repo id (org/name); run `gqa-convert models` for the aliases"
     )
 
 
@@ -138,43 +139,13 @@ def _snapshot(repo: str, revision: Optional[str], token: Optional[str], patterns
             allow_patterns=patterns,
             endpoint=os.environ.get("HF_ENDPOINT") or None,
         )
-    except hf_errors.GatedRepoError:
-        raise AccessError(
-            f"{repo} is gated: accept its licence on its hub page, then log in with `hf auth login` "
-            "or set HF_TOKEN"
-        ) from None
-    except hf_errors.RepositoryNotFoundError:
-        raise SourceNotFoundError(
-            f"hub repo {repo} does not exist or is private: check the id (or run `gqa-convert models` for "
-            "aliases); for a private repo log in with `hf auth login` or set HF_TOKEN"
-        ) from None
-    except hf_errors.RevisionNotFoundError:
-        raise SourceNotFoundError(
-            f"revision {revision!r} not found in {repo}: check the branch, tag or commit"
-        ) from None
-    except hf_errors.LocalEntryNotFoundError:
-        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-        raise HubError(
-            f"cannot reach the hub at {endpoint} and {where} is not in the local hub cache; check the "
-            "connection and HF_ENDPOINT (or unset HF_HUB_OFFLINE), or pass a local folder"
-        ) from None
-    except hf_errors.HfHubHTTPError as err:
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        if status in (401, 403):
-            raise AccessError(
-                f"the hub refused access to {repo} (HTTP {status}): log in with `hf auth login` or set HF_TOKEN "
-                "to a token that can read it"
-            ) from None
-        raise HubError(f"the hub failed while fetching {where} (HTTP {status}); try again later") from None
-    except (hf_errors.HTTPError, ConnectionError, TimeoutError, OSError) as err:
-        raise HubError(
-            f"cannot reach the hub for {where} ({type(err).__name__}); check the connection or HF_ENDPOINT, "
-            "or pass a local folder"
-        ) from None
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
+    except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, hf_errors.HTTPError, ConnectionError,
+            TimeoutError, OSError) as err:
+        raise download_error(err, repo, revision) from None
+    path = Path(folder)
+    if not (path / "config.json").is_file():
         raise SourceNotFoundError(f"hub repo {where} has no config.json: not a transformers model")
-    return folder
+    return path
 
 
 def import_llama2c(bin_path: Path) -> Path:

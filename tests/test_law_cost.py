@@ -221,3 +221,17 @@ def test_decode_flops_sdpa_on_cpu():
         f = forward_flops(shape, T + 1)
         without_attention = f.total_flops - f.attention_flops
         assert measured == pytest.approx(f.total_flops, rel=2e-3) or measured == pytest.approx(without_attention, rel=2e-3)
+
+
+def test_one_reading_of_the_heads_stablelm_head_dim():
+    """The law's shape reader and the converter read a config's heads the same way: StableLM's
+    class ignores a `head_dim` in its config (hidden / heads), so both must (0.1's law read 64)."""
+    from gqa_convert.architectures import get_family, head_shape
+
+    config = {"model_type": "stablelm", "architectures": ["StableLmForCausalLM"], "hidden_size": 256,
+              "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 64, "num_hidden_layers": 2,
+              "intermediate_size": 512, "vocab_size": 1000}
+    converter = head_shape(get_family(config), config)
+    law = shape_from_config(config)
+    assert converter.head_dim == 32 == law.head_dim
+    assert (law.n_heads, law.n_kv, law.hidden) == (converter.n_heads, converter.n_kv, converter.hidden)

@@ -67,7 +67,9 @@ def sequence_flops(n_params: Num, n_layers: Num, head_dim: int, n_heads: Num, co
     return context * infer_flops(n_params, n_layers, head_dim, n_heads, context / 2)
 
 
-def train_flops(n_params: float, tokens: float, n_layers: float, head_dim: int, n_heads: int, train_context: float) -> float:
+def train_flops(
+    n_params: float, tokens: float, n_layers: float, head_dim: int, n_heads: int, train_context: float
+) -> float:
     """C_train ≈ 6·D·(N + 2·L·T̄·d_h·n_h), T̄ = train_context/2 (mean tokens in context)."""
     return 6 * tokens * (n_params + 2 * n_layers * (train_context / 2) * head_dim * n_heads)
 
@@ -109,8 +111,15 @@ class CostSettings:
         return asdict(self)
 
 
-def z_of(n_params: Num, n_layers: Num, head_dim: int, n_heads: Num, n_kv: Num, context: Num,
-         settings: CostSettings = CostSettings()) -> Num:
+def z_of(
+    n_params: Num,
+    n_layers: Num,
+    head_dim: int,
+    n_heads: Num,
+    n_kv: Num,
+    context: Num,
+    settings: CostSettings = CostSettings(),
+) -> Num:
     """Z of a model with N parameters (as `settings` count them) at expected context T."""
     m = infer_memory(n_params, n_layers, head_dim, n_kv, context)
     if settings.memory_unit == "bytes":
@@ -180,7 +189,9 @@ class CostReport:
         return asdict(self)
 
 
-def cost_report(shape: ModelShape, context: int, dtype: str = "bf16", settings: CostSettings = CostSettings()) -> CostReport:
+def cost_report(
+    shape: ModelShape, context: int, dtype: str = "bf16", settings: CostSettings = CostSettings()
+) -> CostReport:
     """All costs of `shape` at `context` tokens; Z as `settings` defines it."""
     if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
         raise ConfigError(f"context must be a positive number of tokens, not {context!r}")

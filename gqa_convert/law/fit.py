@@ -44,7 +44,9 @@ def _pick(row: dict, key: str, where: str):
     for name in COLUMNS[key]:
         if name.lower() in lower and lower[name.lower()] not in (None, ""):
             return lower[name.lower()]
-    raise ConfigError(f"{where}: missing column {COLUMNS[key][0]!r} (or {', '.join(COLUMNS[key][1:])}); runs need N, n_h, n_kv, loss")
+    raise ConfigError(
+        f"{where}: missing column {COLUMNS[key][0]!r} (or {', '.join(COLUMNS[key][1:])}); runs need N, n_h, n_kv, loss"
+    )
 
 
 def parse_runs(rows: Sequence[dict], where: str = "runs") -> list[Run]:
@@ -88,7 +90,7 @@ def read_runs(path: Union[str, Path]) -> list[Run]:
         if isinstance(data, dict):
             data = data.get("runs")
         if not isinstance(data, list):
-            raise ConfigError(f"runs file {p}: expected a JSON list of runs or {{\"runs\": [...]}}")
+            raise ConfigError(f'runs file {p}: expected a JSON list of runs or {{"runs": [...]}}')
         return parse_runs(data, where=str(p))
     rows = list(csv.DictReader(text.splitlines()))
     return parse_runs(rows, where=str(p))
@@ -112,7 +114,9 @@ def fit_law(runs: Sequence[Run], template: Optional[LossLaw] = None) -> FitResul
     if thin:
         raise ConfigError(f"runs: head configuration(s) {thin} have fewer than 2 runs; each H needs ≥ 2 model sizes")
     if len(runs) <= n_par:
-        raise ConfigError(f"runs: {len(runs)} runs cannot fit {n_par} parameters (2 per head configuration + E); add runs")
+        raise ConfigError(
+            f"runs: {len(runs)} runs cannot fit {n_par} parameters (2 per head configuration + E); add runs"
+        )
     N = np.array([r.n_params for r in runs])
     y = np.array([r.loss for r in runs])
     hidx = np.array([heads.index((r.n_heads, r.n_kv)) for r in runs])
@@ -138,8 +142,17 @@ def fit_law(runs: Sequence[Run], template: Optional[LossLaw] = None) -> FitResul
     lo = np.r_[0.0, np.tile([-np.inf, 1e-4], len(heads))]
     hi = np.r_[y.min() - 1e-6, np.tile([np.inf, 5.0], len(heads))]
     x0 = np.clip(best[1], lo + 1e-9, hi - 1e-9)
-    res = least_squares(lambda t: predict(t) - y, x0, bounds=(lo, hi), method="trf", x_scale="jac",
-                        xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=20000)
+    res = least_squares(
+        lambda t: predict(t) - y,
+        x0,
+        bounds=(lo, hi),
+        method="trf",
+        x_scale="jac",
+        xtol=1e-14,
+        ftol=1e-14,
+        gtol=1e-14,
+        max_nfev=20000,
+    )
     theta, J = res.x, res.jac
     rss = float(np.sum(res.fun**2))
     dof = len(runs) - n_par
@@ -147,7 +160,9 @@ def fit_law(runs: Sequence[Run], template: Optional[LossLaw] = None) -> FitResul
     try:
         cov = np.linalg.inv(J.T @ J) * s2
     except np.linalg.LinAlgError:
-        raise ConfigError("runs: the fit is degenerate (sizes too close together?); spread model sizes over a wider range") from None
+        raise ConfigError(
+            "runs: the fit is degenerate (sizes too close together?); spread model sizes over a wider range"
+        ) from None
     se = np.sqrt(np.clip(np.diag(cov), 0, None))
     table: dict[tuple[int, int], tuple[float, float]] = {}
     stderr: dict[str, Any] = {"E": float(se[0])}
@@ -163,11 +178,14 @@ def fit_law(runs: Sequence[Run], template: Optional[LossLaw] = None) -> FitResul
     r2 = 1 - rss / tss if tss > 0 else 1.0
     template = template or load_law()
     law = LossLaw(
-        E=float(theta[0]), form="per_head", heads=table, stderr=stderr,
+        E=float(theta[0]),
+        form="per_head",
+        heads=table,
+        stderr=stderr,
         fitted={"params_min": float(N.min()), "params_max": float(N.max()), "max_heads": int(max(h for h, _ in heads))},
         settings=template.settings,
         fit={"r2": float(r2), "residual_std": float(math.sqrt(s2)), "runs": len(runs), "parameters": n_par},
         provenance=f"fitted by gqa-convert law fit on {len(runs)} runs ({len(heads)} head configurations); "
-                   f"L(N;H) = (a_H/N)^b_H + E with shared E, scipy least_squares; standard errors from the Jacobian",
+        f"L(N;H) = (a_H/N)^b_H + E with shared E, scipy least_squares; standard errors from the Jacobian",
     )
     return FitResult(law, float(r2), float(math.sqrt(s2)), len(runs))

@@ -88,7 +88,9 @@ class LossLaw:
                 key = (int(hs[i]), int(ks[i]))
                 if key not in self.heads or key != (hs[i], ks[i]):
                     fitted = ", ".join(f"({h},{k})" for h, k in sorted(self.heads))
-                    raise LawError(f"the law has no coefficients for n_h={hs[i]:g}, n_kv={ks[i]:g}; it was fitted for {fitted}")
+                    raise LawError(
+                        f"the law has no coefficients for n_h={hs[i]:g}, n_kv={ks[i]:g}; it was fitted for {fitted}"
+                    )
                 a[i], b[i] = self.heads[key]
             return (float(a), float(b)) if a.ndim == 0 else (a, b)
         x, y = np.log2(np.asarray(n_heads, dtype=float)), np.log2(np.asarray(n_kv, dtype=float))
@@ -113,7 +115,8 @@ class LossLaw:
         t = np.asarray(target_loss, dtype=float)
         if np.any(~np.isfinite(t)) or np.any(t <= self.E):
             raise LawError(
-                f"target loss {target_loss} is not above the law's irreducible loss E={self.E:.4f}; choose a loss > {self.E:.4f}"
+                f"target loss {target_loss} is not above the law's irreducible loss E={self.E:.4f}; "
+                f"choose a loss > {self.E:.4f}"
             )
         a, b = self.coefficients(n_heads, n_kv)
         out = a / (t - self.E) ** (1 / b)
@@ -143,13 +146,22 @@ class LossLaw:
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"format": FORMAT, "form": self.form, "E": float(self.E)}
         if self.form == "smooth":
-            d.update(reference_params=float(self.reference_params),
-                     log_A={k: float(v) for k, v in self.log_A.items()},
-                     b={k: float(v) for k, v in self.b.items()})
+            d.update(
+                reference_params=float(self.reference_params),
+                log_A={k: float(v) for k, v in self.log_A.items()},
+                b={k: float(v) for k, v in self.b.items()},
+            )
         else:
-            d["heads"] = [{"n_heads": h, "n_kv": k, "a": float(a), "b": float(b),
-                           **{f"{p}_stderr": self.stderr.get(f"{h},{k}", {}).get(p) for p in ("a", "b")}}
-                          for (h, k), (a, b) in sorted(self.heads.items())]
+            d["heads"] = [
+                {
+                    "n_heads": h,
+                    "n_kv": k,
+                    "a": float(a),
+                    "b": float(b),
+                    **{f"{p}_stderr": self.stderr.get(f"{h},{k}", {}).get(p) for p in ("a", "b")},
+                }
+                for (h, k), (a, b) in sorted(self.heads.items())
+            ]
         if self.stderr.get("E") is not None:
             d["E_stderr"] = float(self.stderr["E"])
         for key in ("fit", "fitted", "settings"):
@@ -177,11 +189,17 @@ class LossLaw:
             if d.get("E_stderr") is not None:
                 stderr["E"] = float(d["E_stderr"])
             return cls(
-                E=E, form=form, reference_params=float(d.get("reference_params", 1e9)),
+                E=E,
+                form=form,
+                reference_params=float(d.get("reference_params", 1e9)),
                 log_A={str(k): float(v) for k, v in (d.get("log_A") or {}).items()},
                 b={str(k): float(v) for k, v in (d.get("b") or {}).items()},
-                heads=heads, stderr=stderr, fitted=d.get("fitted") or {}, settings=d.get("settings") or {},
-                provenance=d.get("provenance", ""), fit=d.get("fit") or {},
+                heads=heads,
+                stderr=stderr,
+                fitted=d.get("fitted") or {},
+                settings=d.get("settings") or {},
+                provenance=d.get("provenance", ""),
+                fit=d.get("fit") or {},
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"{where}: malformed law ({err!r}); expected E, form and log_A/b or heads") from None
@@ -191,7 +209,7 @@ def load_law(path: Union[str, Path, None] = None) -> LossLaw:
     """A law file (`--law law.yaml`), a shipped law (`shipped:table4`), or the shipped default when
     `path` is None."""
     if path is None or str(path).startswith("shipped:"):
-        name = "default" if path is None else str(path)[len("shipped:"):]
+        name = "default" if path is None else str(path)[len("shipped:") :]
         if name not in SHIPPED:
             raise ConfigError(f"no shipped law {name!r}; choose one of " + ", ".join(f"shipped:{k}" for k in SHIPPED))
         text = resources.files("gqa_convert.law").joinpath(SHIPPED[name]).read_text()
@@ -200,7 +218,9 @@ def load_law(path: Union[str, Path, None] = None) -> LossLaw:
     try:
         data = yaml.safe_load(p.read_text())
     except OSError as err:
-        raise ConfigError(f"cannot read law file {p}: {err.strerror}; give a YAML file written by `gqa-convert law fit`") from None
+        raise ConfigError(
+            f"cannot read law file {p}: {err.strerror}; give a YAML file written by `gqa-convert law fit`"
+        ) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"law file {p} is not valid YAML ({str(err).splitlines()[0]})") from None
     return LossLaw.from_dict(data, where=f"law file {p}")

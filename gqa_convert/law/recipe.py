@@ -11,13 +11,13 @@ call (the calibration script evaluates thousands of them).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, Optional, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 
 from ..errors import ConfigError, LawError
-from .cost import CostSettings, cost_report, infer_flops, infer_memory, z_of
+from .cost import CostSettings, infer_flops, infer_memory, z_of
 from .loss import DESIGN_LAW, LossLaw, candidates, load_law
 from .shapes import ModelShape
 
@@ -71,7 +71,9 @@ class RecipeSettings:
             cost = CostSettings(**(d.pop("cost", None) or {}))
             return cls(cost=cost, **d)
         except TypeError as err:
-            raise ConfigError(f"law settings: {err}; allowed keys are head_dim, max_heads, interpolation, vocab, cost") from None
+            raise ConfigError(
+                f"law settings: {err}; allowed keys are head_dim, max_heads, interpolation, vocab, cost"
+            ) from None
 
 
 def settings_of(law: LossLaw) -> RecipeSettings:
@@ -133,8 +135,13 @@ class Grid:
         return [[(int(self.heads[k][0]), int(self.heads[k][1])) for k in row] for row in self.best]
 
 
-def recipe_grid(law: LossLaw, losses: Sequence[float], contexts: Sequence[int],
-                settings: Optional[RecipeSettings] = None, heads: Optional[Sequence[tuple[int, int]]] = None) -> Grid:
+def recipe_grid(
+    law: LossLaw,
+    losses: Sequence[float],
+    contexts: Sequence[int],
+    settings: Optional[RecipeSettings] = None,
+    heads: Optional[Sequence[tuple[int, int]]] = None,
+) -> Grid:
     """Steps 1–3 for every target loss and context at once."""
     s = settings or settings_of(law)
     H = np.array([h for h in (heads or candidates(s.max_heads)) if law.has(*h)], dtype=float)
@@ -150,13 +157,18 @@ def recipe_grid(law: LossLaw, losses: Sequence[float], contexts: Sequence[int],
     layers = solve_layers(n_star, nh, nkv, ratio, s.head_dim)
     width = ratio * layers
     n_cost = n_star + (s.vocab * width if s.cost.embeddings else 0.0)
-    z = z_of(n_cost[:, None, :], layers[:, None, :], s.head_dim, nh[:, None, :], nkv[:, None, :],
-             T[None, :, None], s.cost)
+    z = z_of(
+        n_cost[:, None, :], layers[:, None, :], s.head_dim, nh[:, None, :], nkv[:, None, :], T[None, :, None], s.cost
+    )
     return Grid(np.asarray(losses, float), T, H, n_star, layers, width, z)
 
 
-def table(law: Optional[LossLaw] = None, losses: Sequence[float] = TABLE4_LOSSES,
-          contexts: Sequence[int] = TABLE4_CONTEXTS, settings: Optional[RecipeSettings] = None) -> list[list[tuple[int, int]]]:
+def table(
+    law: Optional[LossLaw] = None,
+    losses: Sequence[float] = TABLE4_LOSSES,
+    contexts: Sequence[int] = TABLE4_CONTEXTS,
+    settings: Optional[RecipeSettings] = None,
+) -> list[list[tuple[int, int]]]:
     """The optimal (n_h, n_kv) for each target loss (rows) and context (columns), like Table 4."""
     law = law or load_law(DESIGN_LAW)
     return recipe_grid(law, losses, contexts, settings).choices()
@@ -164,7 +176,9 @@ def table(law: Optional[LossLaw] = None, losses: Sequence[float] = TABLE4_LOSSES
 
 def table4_match(grid: list[list[tuple[int, int]]]) -> int:
     """How many cells of a grid over TABLE4_LOSSES × TABLE4_CONTEXTS equal the paper's Table 4."""
-    return sum(grid[i][j] == TABLE4[l][j] for i, l in enumerate(TABLE4_LOSSES) for j in range(len(TABLE4_CONTEXTS)))
+    return sum(
+        grid[i][j] == TABLE4[loss][j] for i, loss in enumerate(TABLE4_LOSSES) for j in range(len(TABLE4_CONTEXTS))
+    )
 
 
 # --------------------------------------------------------------------------- one optimum, explained
@@ -201,7 +215,11 @@ def _design(law: LossLaw, s: RecipeSettings, target: float, context: int, n_head
     d = ratio * L
     n_cost = n + (s.vocab * d if s.cost.embeddings else 0.0)
     return Design(
-        n_heads=float(n_heads), n_kv=int(n_kv), n_params=n, n_layers=L, hidden=d,
+        n_heads=float(n_heads),
+        n_kv=int(n_kv),
+        n_params=n,
+        n_layers=L,
+        hidden=d,
         memory_values=infer_memory(n_cost, L, s.head_dim, n_kv, context),
         flops_per_token=infer_flops(n_cost, L, s.head_dim, n_heads, context),
         z=float(z_of(n_cost, L, s.head_dim, n_heads, n_kv, context, s.cost)),
@@ -259,8 +277,9 @@ class Optimum:
         }
 
 
-def optimize(target_loss: float, context: int, law: Optional[LossLaw] = None,
-             settings: Optional[RecipeSettings] = None) -> Optimum:
+def optimize(
+    target_loss: float, context: int, law: Optional[LossLaw] = None, settings: Optional[RecipeSettings] = None
+) -> Optimum:
     """The cost-optimal (N, n_h, n_kv, layers, width) for `target_loss` at expected context `context`."""
     law = law or load_law(DESIGN_LAW)
     s = settings or settings_of(law)

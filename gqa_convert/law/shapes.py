@@ -7,12 +7,11 @@ weights), or from the paper's shape rule (`paper_shape`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-from ..errors import ConfigError, SourceNotFoundError, UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 
 # Families whose MLP has two matrices (up, down) instead of SwiGLU's three (gate, up, down).
 UNGATED_FFN = {"gpt2", "gpt_neox", "gptj", "gpt_bigcode", "phi", "falcon", "opt", "bloom", "starcoder2"}
@@ -49,7 +48,8 @@ class ModelShape:
                 raise ConfigError(f"model shape: {name} must be a positive integer, not {value!r}")
         if self.n_heads % self.n_kv:
             raise ConfigError(
-                f"model shape: n_kv={self.n_kv} must divide n_heads={self.n_heads} (query head i reads KV head i // group)"
+                f"model shape: n_kv={self.n_kv} must divide n_heads={self.n_heads} "
+                "(query head i reads KV head i // group)"
             )
 
     # ---- parameter counts (weights only: matrices; norms and biases are left out, < 0.1%)

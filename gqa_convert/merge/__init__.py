@@ -17,7 +17,6 @@ pooling, and writes a plot of it when the last layer is done. See docs/merging.m
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -59,7 +58,11 @@ def k_side_blocker(block: AttentionBlock) -> Optional[str]:
     problem on the query side, so such a change of K would not be absorbed exactly.
     """
     if block.k_norm is not None:
-        kind = "per-head" if block.q_norm is not None and block.k_norm.numel() == block.q_norm.numel() else "whole-projection"
+        kind = (
+            "per-head"
+            if block.q_norm is not None and block.k_norm.numel() == block.q_norm.numel()
+            else "whole-projection"
+        )
         return f"{kind} k_norm does not commute with per-plane key maps; K is mean-pooled, V uses the method"
     return None
 
@@ -74,8 +77,7 @@ class MergeMethod:
         plot_path: where the PNG of the report goes after the last layer (None: no plot).
     """
 
-    def __init__(
-        self, name: str, calibration: Calibration, rotary: Optional[int], plot_path: Optional[Path]):
+    def __init__(self, name: str, calibration: Calibration, rotary: Optional[int], plot_path: Optional[Path]):
         self.name = name
         self.__name__ = name
         self.calibration = calibration
@@ -117,7 +119,10 @@ class MergeMethod:
             out = merged_block(block, shape, new_kv, mine, planes, do_k=blocker is None, do_v=True)
         errs: dict = {"k": {}, "v": {}}
         for label, groups in ((self.name, mine), ("mean", mean)):
-            ks = [rel_error(k[j * g : (j + 1) * g], k_approx(f, k[j * g : (j + 1) * g], planes), sk) for j, f in enumerate(groups)]
+            ks = [
+                rel_error(k[j * g : (j + 1) * g], k_approx(f, k[j * g : (j + 1) * g], planes), sk)
+                for j, f in enumerate(groups)
+            ]
             vs = [rel_error(v[j * g : (j + 1) * g], v_approx(f), sv) for j, f in enumerate(groups)]
             errs["k"][label] = sum(e for e, _ in ks) / max(sum(n for _, n in ks), 1e-300)
             errs["v"][label] = sum(e for e, _ in vs) / max(sum(n for _, n in vs), 1e-300)

@@ -291,7 +291,7 @@ def _layer0_inputs(model: nn.Module, layers: nn.ModuleList, chunks: Sequence[Ten
 
         class First(nn.Module):
             def forward(self, hidden_states, *a, **k):
-                grabbed.append(hidden_states)  # noqa: B023  (used only within this iteration)
+                grabbed.append(hidden_states)  # noqa: B023
                 raise _StopForward
 
         keep = layers[0]
@@ -384,7 +384,12 @@ def calibrate(
     tmp = Path(tempfile.mkdtemp(prefix=f".calib-{key}-", dir=cache_dir))
     try:
         layer_covariances(source_dir, chunks, dtype=dtype, out_dir=tmp, site=site)
-        meta = {"key": key, "n_layers": n_layers, "n_tokens": n_tokens, "seq_lens": sorted({c.shape[-1] for c in chunks})}
+        meta = {
+            "key": key,
+            "n_layers": n_layers,
+            "n_tokens": n_tokens,
+            "seq_lens": sorted({c.shape[-1] for c in chunks}),
+        }
         if site is not None:
             meta["site"] = site
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -190,17 +190,26 @@ def merged_block(
     out = absorb_into_q_o(out, shape, maps, scalars, planes, do_k, do_v)
     if do_v:
         v = torch.stack([f.v_new for f in groups]).reshape(new_kv * d, -1)
-        out.v_w, out.v_b = _split_aug(v, block.v_b is not None, block.v_w.dtype, None if block.v_b is None else block.v_b.dtype)
+        out.v_w, out.v_b = _split_aug(
+            v, block.v_b is not None, block.v_w.dtype, None if block.v_b is None else block.v_b.dtype
+        )
     if do_k:
         k = torch.stack(
             [from_complex(f.k_new, planes, k_old[j * g : (j + 1) * g].mean(0)) for j, f in enumerate(groups)]
         ).reshape(new_kv * d, -1)
-        out.k_w, out.k_b = _split_aug(k, block.k_b is not None, block.k_w.dtype, None if block.k_b is None else block.k_b.dtype)
+        out.k_w, out.k_b = _split_aug(
+            k, block.k_b is not None, block.k_w.dtype, None if block.k_b is None else block.k_b.dtype
+        )
     return out
 
 
 def expanded_block(
-    block: AttentionBlock, shape: HeadShape, groups: list[GroupFactors], planes: Planes, do_k: bool = True, do_v: bool = True
+    block: AttentionBlock,
+    shape: HeadShape,
+    groups: list[GroupFactors],
+    planes: Planes,
+    do_k: bool = True,
+    do_v: bool = True,
 ) -> AttentionBlock:
     """The un-merged approximation: still n_kv heads, head i's K/V replaced by u_i w_new / M_i W_new.
 
@@ -212,11 +221,15 @@ def expanded_block(
     out = replace(block)
     if do_v:
         v = torch.cat([v_approx(f) for f in groups]).reshape(shape.n_kv * shape.head_dim, -1)
-        out.v_w, out.v_b = _split_aug(v, block.v_b is not None, block.v_w.dtype, None if block.v_b is None else block.v_b.dtype)
+        out.v_w, out.v_b = _split_aug(
+            v, block.v_b is not None, block.v_w.dtype, None if block.v_b is None else block.v_b.dtype
+        )
     if do_k:
         k = torch.cat([k_approx(f, k_old[j * g : (j + 1) * g], planes) for j, f in enumerate(groups)])
         k = k.reshape(shape.n_kv * shape.head_dim, -1)
-        out.k_w, out.k_b = _split_aug(k, block.k_b is not None, block.k_w.dtype, None if block.k_b is None else block.k_b.dtype)
+        out.k_w, out.k_b = _split_aug(
+            k, block.k_b is not None, block.k_w.dtype, None if block.k_b is None else block.k_b.dtype
+        )
     return out
 
 
@@ -233,9 +246,13 @@ def transformed_block(
     out = absorb_into_q_o(block, shape, maps, scalars, planes, True, True)
     v = _heads(augmented(block.v_w, block.v_b), n)
     v = torch.linalg.solve(maps, v).reshape(n * d, -1)
-    out.v_w, out.v_b = _split_aug(v, block.v_b is not None, block.v_w.dtype, None if block.v_b is None else block.v_b.dtype)
+    out.v_w, out.v_b = _split_aug(
+        v, block.v_b is not None, block.v_w.dtype, None if block.v_b is None else block.v_b.dtype
+    )
     k = _heads(augmented(block.k_w, block.k_b), n)
     kc = to_complex(k, planes) / scalars[..., None]
     k = from_complex(kc, planes, k).reshape(n * d, -1)
-    out.k_w, out.k_b = _split_aug(k, block.k_b is not None, block.k_w.dtype, None if block.k_b is None else block.k_b.dtype)
+    out.k_w, out.k_b = _split_aug(
+        k, block.k_b is not None, block.k_w.dtype, None if block.k_b is None else block.k_b.dtype
+    )
     return out

@@ -44,9 +44,7 @@ def optimal_k(kc: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
     return w_new, u.T
 
 
-def optimal_factors(
-    k: Tensor, v: Tensor, sigma_k: Tensor, sigma_v: Tensor, planes: Planes
-) -> GroupFactors:
+def optimal_factors(k: Tensor, v: Tensor, sigma_k: Tensor, sigma_v: Tensor, planes: Planes) -> GroupFactors:
     """Factors of the activation-optimal merge for one group (k, v: [g, d, D'] augmented blocks)."""
     v_new, maps = optimal_v(v, sigma_v)
     k_new, u = optimal_k(to_complex(k, planes), sigma_k)

@@ -95,7 +95,9 @@ def greedy_choice(sigma: Tensor, o_w: Tensor, groups: list[list[int]], per_group
     d = head_dim
     b = o_w.to(torch.float64)
     r, g = sigma.clone(), sigma @ b.T
-    scale = [float(sigma[head_rows([h], d)][:, head_rows([h], d)].diagonal().mean()) for h in range(sigma.shape[0] // d)]
+    scale = [
+        float(sigma[head_rows([h], d)][:, head_rows([h], d)].diagonal().mean()) for h in range(sigma.shape[0] // d)
+    ]
     left = {h: j for j, grp in enumerate(groups) for h in grp}
     quota = [per_group] * len(groups)
     keep: list[int] = []
@@ -109,6 +111,9 @@ def greedy_choice(sigma: Tensor, o_w: Tensor, groups: list[list[int]], per_group
             gain = float((g[rows] * (inv @ g[rows])).sum())
             if gain > best_gain:
                 best, best_gain, best_inv = h, gain, inv
+        # A head with quota left always exists here, and a gain (a trace of a PSD form) is ≥ 0 > −1
+        # up to rounding, so one was taken, unless the gains were NaN (or rounding made them < −1).
+        assert best_inv is not None, "greedy_choice: no head had a gain above -1 (NaN in Σ?)"
         rows = head_rows([best], d)
         p = r[:, rows] @ best_inv
         g = g - p @ g[rows]
@@ -208,7 +213,9 @@ class QueryHeadReducer:
                 best = (keep, w, err, how)
         return best
 
-    def __call__(self, layer: int, block: AttentionBlock, shape: HeadShape, new_kv: int) -> tuple[AttentionBlock, HeadShape]:
+    def __call__(
+        self, layer: int, block: AttentionBlock, shape: HeadShape, new_kv: int
+    ) -> tuple[AttentionBlock, HeadShape]:
         """The reduced block and its shape (n_q query heads; KV as `keep_query_heads` leaves them)."""
         keep, o_new = self.choose(layer, block, shape, new_kv)
         return keep_query_heads(block, shape, keep, o_new)

@@ -25,12 +25,17 @@ def plot_report(report: dict, path: Path) -> Path:
             ax.plot(layers, vals, style, label=label)
             if label == method == "mean":
                 break
-        ax.set_title(f"{side.upper()} heads" + (" (K mean-pooled: k_norm)" if side == "k" and "k_side" in report["summary"] else ""))
+        ax.set_title(
+            f"{side.upper()} heads"
+            + (" (K mean-pooled: k_norm)" if side == "k" and "k_side" in report["summary"] else "")
+        )
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("relative reconstruction error\n(calibration-weighted)")
     axes[1].legend()
-    fig.suptitle(f"KV-head merge: {method} vs mean pooling ({report['summary']['calibration_tokens']} calibration tokens)")
+    fig.suptitle(
+        f"KV-head merge: {method} vs mean pooling ({report['summary']['calibration_tokens']} calibration tokens)"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()

@@ -24,12 +24,19 @@ FAMILIES: dict[str, dict] = {
     "qwen2": dict(model_type="qwen2"),
     "qwen3": dict(model_type="qwen3", head_dim=8),
     "gemma": dict(model_type="gemma", head_dim=16),
-    "gemma2": dict(model_type="gemma2", head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
-                   final_logit_softcapping=30.0, sliding_window=8),  # fmt: skip
+    "gemma2": dict(
+        model_type="gemma2",
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=30.0,
+        sliding_window=8,
+    ),  # fmt: skip
     "phi3": dict(model_type="phi3", partial_rotary_factor=0.5),
     "olmo2": dict(model_type="olmo2"),
-    "falcon": dict(model_type="falcon", num_kv_heads=4, new_decoder_architecture=True, bias=True, alibi=False,
-                   parallel_attn=True),  # fmt: skip
+    "falcon": dict(
+        model_type="falcon", num_kv_heads=4, new_decoder_architecture=True, bias=True, alibi=False, parallel_attn=True
+    ),  # fmt: skip
     "starcoder2": dict(model_type="starcoder2", use_bias=True),
     "stablelm": dict(model_type="stablelm", use_qkv_bias=True, partial_rotary_factor=0.25),
     "granite": dict(model_type="granite", attention_multiplier=0.3),
