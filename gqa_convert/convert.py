@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -28,6 +27,7 @@ from . import __version__
 from .architectures import Family, get_family, head_shape, new_shape
 from .checkpoint import SAFE_INDEX, ShardWriter, TensorBytes, TensorReader
 from .errors import CheckpointError, ConfigError, InvalidHeadCountError, OutputError
+from .fileio import FolderLock, remove_stale_temp_dirs, temp_dir_beside
 from .records import ConversionRecord, HeadLayout
 from .regroup import METHODS, HeadShape, LayerMethod, valid_kv_counts, valid_q_counts
 from .source import aliases, cache_dir, load_config, resolve_source
@@ -97,10 +97,15 @@ def _merge_module(method: str):
 
 def check_output(output: Path, source: Path, overwrite: bool) -> None:
     """Refuse an output that equals, contains or lies inside the source, exists, or cannot be written."""
+    if overwrite and output.exists() and Path.cwd().resolve() in (output.resolve(), *Path.cwd().resolve().parents):
+        raise OutputError(f"output {output} is (or holds) the current folder; --overwrite would replace it under "
+                          "you: cd elsewhere or choose another folder")
     out = output.resolve()
     src = source.resolve()
     if out == src or src in out.parents or out in src.parents:
         raise OutputError(f"output {output} overlaps the source {source}; choose a folder outside it")
+    if output.is_symlink():
+        raise OutputError(f"output {output} is a symbolic link; give the folder itself (or a new path)")
     if out.exists() and not overwrite:
         raise OutputError(f"output {output} already exists; pass --overwrite to replace it or choose another folder")
     if out.exists() and not out.is_dir():
@@ -164,7 +169,7 @@ def convert_checkpoint(
     Example:
         >>> convert_checkpoint("path/to/llama", "llama-gqa2", kv_heads=2)  # doctest: +SKIP
     """
-    output = Path(output).expanduser()
+    output = Path(os.path.abspath(Path(output).expanduser()))  # `-o .` has a name and a parent
     max_bytes = parse_size(max_shard_size)
     if method == "auto":
         method = "optimal" if calib_data is not None else "mean"
@@ -181,6 +186,7 @@ def convert_checkpoint(
         )
     n_q = _check_q_heads(family, old, kv_heads, q_heads, q_method, calib_data)
     check_output(output, src, overwrite)
+    FolderLock(output).probe()  # another run writing it: fail now, not after calibrating
     if isinstance(method, str) and method not in METHODS:
         _merge_module(method)  # fail now, not after a download
     local = Path(str(source)).expanduser().exists()
@@ -200,9 +206,11 @@ def convert_checkpoint(
     result = ConvertResult(output=output, family=family.name, old_shape=old, new_shape=new, method=name)
 
     created = _missing_parents(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    lock = FolderLock(output).__enter__()  # released below, before the parents it created are removed
+    remove_stale_temp_dirs(output, log=lambda m: print(f"convert: {m}", file=sys.stderr))
+    tmp = temp_dir_beside(output)
     try:
+        check_output(output, src, overwrite)  # again, under the lock: another run may have finished it meanwhile
         if isinstance(method, str) and hasattr(fn, "plot_path"):  # a named merge: its error plot ships with the model
             fn.plot_path = tmp / MERGE_PLOT
         layer_fn = fn if reducer is None else reducer.then(fn)  # query heads first, then the KV method
@@ -234,12 +242,15 @@ def convert_checkpoint(
         _move_into_place(tmp, output, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        lock.__exit__(None, None, None)
         for d in created:
             try:
                 d.rmdir()
             except OSError:
                 pass
         raise
+    else:
+        lock.__exit__(None, None, None)
     finally:
         reader.close()
     return result
@@ -426,7 +437,7 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 def _move_into_place(tmp: Path, output: Path, overwrite: bool) -> None:
     """Rename the finished temp folder to output; an old output is swapped out, then deleted."""
     if output.exists() and overwrite:
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        old = temp_dir_beside(output, "old")
         os.replace(output, old / "x")
         try:
             os.replace(tmp, output)

@@ -1,7 +1,11 @@
 """Held-out language-model loss: the one number every stage of the project is judged by.
 
 `document_loss` is the token-weighted mean next-token cross-entropy over whole documents, each
-prefixed with BOS and truncated to `max_tokens`, batched with padding that carries no loss.
+prefixed with BOS and truncated to `max_tokens`, batched with padding that carries no loss. The
+logits are never held whole: the loss is taken from the final hidden states a chunk of tokens at a
+time (train/loss.py), so a 128K-token document costs chunk x V logits, not 128K x V. The same
+per-token losses give the loss by position (`by_position`): the mean over position buckets 0-1K,
+1-2K, 2-4K, ... up to max_tokens, the standard picture of whether a model uses its long context.
 
 Project convention for the TinyStories fixture (`text/tinystories_val_head.txt`):
 
@@ -21,10 +25,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .errors import DataError, SourceNotFoundError
 from .train.data import split_text
+from .train.loss import chunk_size, final_hidden, output_head, token_nll
 
 HELDOUT = slice(0, 200)  # evaluation documents of the TinyStories fixture
 TRAINING = slice(1000, None)  # training / uptraining / calibration documents
@@ -38,6 +42,9 @@ class LossResult:
     perplexity: float
     tokens: int  # predicted tokens (BOS is never predicted)
     documents: int
+    # Mean loss per position bucket: ({"start", "end", "tokens", "mean_loss"}, ...), position = the
+    # predicted token's index in its document (BOS is 0), start inclusive, end exclusive; empty buckets left out.
+    by_position: tuple = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +97,30 @@ def encode_documents(tokenizer, documents: Sequence[str], max_tokens: int) -> li
     return [([bos] + ids)[:max_tokens] for ids in encoded]
 
 
+def position_buckets(max_tokens: int) -> list[tuple[int, int]]:
+    """[start, end) position buckets up to max_tokens: 0-1K, 1-2K, 2-4K, ... doubling, the last one
+    ending at max_tokens. Below 8K tokens the first bucket shrinks (a power of two, max_tokens/8 or
+    less) so that there are still at least four: 512 -> 0-64, 64-128, 128-256, 256-512."""
+    first = 1024 if max_tokens >= 8192 else 2 ** max(0, math.floor(math.log2(max(1, max_tokens) / 8)))
+    edges = [0, min(first, max_tokens)]
+    while edges[-1] * 2 < max_tokens:
+        edges.append(edges[-1] * 2)
+    if edges[-1] < max_tokens:
+        edges.append(max_tokens)
+    return list(zip(edges, edges[1:]))
+
+
+def loss_by_position(positions: torch.Tensor, nll: torch.Tensor, max_tokens: int) -> tuple[dict, ...]:
+    """Mean of per-token losses `nll` in each of `position_buckets(max_tokens)`, by their `positions`."""
+    out = []
+    for start, end in position_buckets(max_tokens):
+        sel = (positions >= start) & (positions < end)
+        n = int(sel.sum())
+        if n:
+            out.append({"start": start, "end": end, "tokens": n, "mean_loss": nll[sel].double().sum().item() / n})
+    return tuple(out)
+
+
 def document_loss(
     model,
     tokenizer,
@@ -98,6 +129,7 @@ def document_loss(
     max_tokens: int = 512,
     batch_size: int = 8,
     device: Optional[torch.device | str] = None,
+    chunk_tokens: Optional[int] = None,
 ) -> LossResult:
     """Token-weighted mean next-token cross-entropy of `model` over `documents`.
 
@@ -108,9 +140,10 @@ def document_loss(
         max_tokens: ids per document including BOS (longer ones are truncated).
         batch_size: documents per forward pass (right-padded, padding masked out).
         device: where to run; default the model's device.
+        chunk_tokens: tokens per chunk through the output head (default ~32M logits per chunk).
 
     Returns:
-        LossResult with the mean loss over all predicted tokens and its perplexity.
+        LossResult with the mean loss over all predicted tokens, its perplexity and the loss by position.
 
     Raises:
         DataError: no documents, or none with a token to predict.
@@ -119,10 +152,12 @@ def document_loss(
         raise DataError("no documents to evaluate; give at least one non-empty document")
     if max_tokens < 2 or batch_size < 1:
         raise DataError(f"max_tokens must be >= 2 and batch_size >= 1 (got {max_tokens}, {batch_size})")
+    head = output_head(model)
+    chunk_size(chunk_tokens, head.weight.shape[0])  # a bad chunk size fails before any work
     device = torch.device(device) if device is not None else next(model.parameters()).device
     seqs = sorted(encode_documents(tokenizer, documents, max_tokens), key=len, reverse=True)  # less padding
     model.eval()
-    total, count = 0.0, 0
+    losses, positions = [], []
     with torch.no_grad():
         for start in range(0, len(seqs), batch_size):
             batch = seqs[start : start + batch_size]
@@ -135,15 +170,19 @@ def document_loss(
                 ids[row, : len(seq)] = torch.tensor(seq)
                 mask[row, : len(seq)] = 1
             ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
-            keep = mask[:, 1:].bool()  # a target is real when its own position is
-            total += nll[keep].double().sum().item()
-            count += int(keep.sum().item())
+            hidden = final_hidden(model, ids, attention_mask=mask)
+            # Right-padded: a row's targets are its first len-1 positions (slices are views, no copy).
+            for row, seq in enumerate(batch):
+                n = len(seq) - 1
+                losses.append(token_nll(hidden[row, :n], head, ids[row, 1 : n + 1], chunk_tokens=chunk_tokens).cpu())
+                positions.append(torch.arange(1, n + 1))  # the predicted token's index in its document
+    count = sum(len(x) for x in losses)
     if count == 0:
         raise DataError("the documents hold no token to predict; give longer documents")
-    mean = total / count
-    return LossResult(mean_loss=mean, perplexity=math.exp(mean), tokens=count, documents=len(documents))
+    nll, pos = torch.cat(losses), torch.cat(positions)
+    mean = nll.double().sum().item() / count
+    return LossResult(mean_loss=mean, perplexity=math.exp(mean), tokens=count, documents=len(documents),
+                      by_position=loss_by_position(pos, nll, max_tokens))
 
 
 __all__ = [
@@ -156,4 +195,6 @@ __all__ = [
     "load_model",
     "encode_documents",
     "document_loss",
+    "position_buckets",
+    "loss_by_position",
 ]

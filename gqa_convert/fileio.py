@@ -36,3 +36,108 @@ def write_text_atomic(path: Union[str, Path], text: str) -> Path:
 
 def write_json_atomic(path: Union[str, Path], data: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def temp_dir_beside(final: Union[str, Path], kind: str = "tmp") -> Path:
+    """An empty folder `.NAME.KIND-XXXX` beside `final`, with the modes a normal mkdir gives
+    (mkdtemp makes 0700: a converted model must be readable by a serving container)."""
+    final = Path(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{kind}-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def stale_temp_dirs(final: Union[str, Path]) -> list[Path]:
+    """Temp folders an interrupted writer of `final` left (`.NAME.tmp-*`, `.NAME.old-*`). Only
+    meaningful while holding `final`'s FolderLock: then no live writer owns them."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    return sorted(p for kind in ("tmp", "old") for p in final.parent.glob(f".{final.name}.{kind}-*") if p.is_dir())
+
+
+def remove_stale_temp_dirs(final: Union[str, Path], log=None) -> list[Path]:
+    import shutil
+
+    removed = stale_temp_dirs(final)
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+        if log:
+            log(f"removed {p.name}, the partial output of an interrupted run")
+    return removed
+
+
+class FolderLock:
+    """An exclusive lock on writing FOLDER: `.NAME.lock` beside it, flock'ed, holding the pid.
+
+    flock is released by the kernel when its holder dies, so a killed run never leaves a lock
+    that blocks the next one; the file is removed on release. A second writer fails at once with
+    one line naming the holder.
+    """
+
+    def __init__(self, folder: Union[str, Path], what: str = "output"):
+        self.folder = Path(folder)
+        self.path = self.folder.parent / f".{self.folder.name}.lock"
+        self.what = what
+        self._fd: Any = None
+
+    def probe(self) -> None:
+        """Fail now if another run holds the lock (before long work such as calibration); takes nothing."""
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:
+            return  # no lock file: nobody holds it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            self._busy(fd)
+        finally:
+            os.close(fd)
+
+    def _busy(self, fd: int):
+        from .errors import OutputError
+
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        raise OutputError(
+            f"{self.what} {self.folder} is being written by another gqa-convert run (pid {holder[:16]}); "
+            "wait for it to finish or stop it, or choose another folder"
+        ) from None
+
+    def __enter__(self) -> "FolderLock":
+        import fcntl
+
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    self._busy(fd)
+                finally:
+                    os.close(fd)
+            # The file may have been unlinked by a holder releasing it between our open and flock.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import fcntl
+
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

@@ -290,6 +290,11 @@ class UptrainSettings(TextFormat, TrainSlice):
     lora_rank: int = field(16, "LoRA rank", gt=0)
     attn: Literal["auto", "flash", "sdpa"] = field("auto", "attention kernel")
     gradient_checkpointing: Optional[bool] = field(None, "recompute activations in backward (default: on with CUDA)")
+    loss_chunk_tokens: Optional[int] = field(None, "tokens per chunk of the output head in the loss (default: "
+                                             "about 32M logits, e.g. 256 tokens at a 128K vocabulary)", gt=0)
+    loss_impl: Literal["chunked", "liger", "auto"] = field(
+        "chunked", "loss kernel: chunked (PyTorch, everywhere), liger (liger-kernel's fused linear "
+        "cross-entropy, CUDA, no distillation), auto (liger where it applies)")
     save_every: int = field(50, "steps between checkpoints", gt=0)
     seed: int = field(0, "random seed")
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 from .. import __version__
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`gqa-convert MODEL --kv-heads N --context T ...` runs every stage (see `gqa-convert pipeline --help`).",
     )
     parser.add_argument("--version", action="version", version=f"gqa-convert {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
         module.register(sub)
@@ -41,12 +44,36 @@ def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
     return set()
 
 
+def _short(text: object, limit: int = 200) -> str:
+    line = (str(text).splitlines() or [""])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _save_traceback() -> str:
+    """The current exception's traceback in a log file (never the message alone: it may be long)."""
+    import tempfile
+    import traceback
+
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gqa-convert" / "logs"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="error-", suffix=".log", dir=base)
+    except OSError:
+        fd, path = tempfile.mkstemp(prefix="gqa-convert-error-", suffix=".log")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(" ".join(sys.argv) + "\n\n" + traceback.format_exc())
+    return path
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # `gqa-convert MODEL --kv-heads N ...` (no subcommand) runs the whole pipeline.
     if argv and not argv[0].startswith("-") and argv[0] not in _subcommands(parser):
         argv = ["pipeline", *argv]
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -57,18 +84,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"gqa-convert: error: {err}", file=sys.stderr)
         return err.exit_code
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-            raise
-        where = f" {err.filename}" if err.filename else ""
+        where = f" {_short(err.filename)}" if err.filename else ""
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            fix = "free space or choose a writable folder"
+        else:
+            fix = "check the path"
         print(
-            f"gqa-convert: error: cannot write{where}: {err.strerror}; free space or choose a writable "
-            "folder, then re-run the same command (completed work is kept, partial output was discarded)",
+            f"gqa-convert: error: cannot use{where}: {err.strerror or type(err).__name__}; {fix}, then re-run the "
+            "same command (completed work is kept, partial output was discarded)",
             file=sys.stderr,
         )
         return 1
     except KeyboardInterrupt:
         print("gqa-convert: interrupted; re-run the same command to resume.", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug of ours: one line, the traceback kept where it can be read
+        if debug:
+            raise
+        log = _save_traceback()
+        print(f"gqa-convert: internal error: {type(err).__name__}: {_short(str(err))}; this is a bug — the "
+              f"traceback is in {log} (or re-run with --debug); please report it", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

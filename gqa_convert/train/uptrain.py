@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from ..errors import ConfigError, OutputError, SourceNotFoundError
+from ..errors import CheckpointError, ConfigError, GqaConvertError, OutputError, SourceNotFoundError
 from ..fileio import write_json_atomic
 from ..records import ConversionRecord, UptrainRecord
 from ..settings import UptrainConfig, UptrainSettings, command_line, data_spec
 from .backend import choose_attention
-from .data import IGNORE, RowStream, collate, packed_forward, write_heldout
+from .data import IGNORE, RowStream, collate, write_heldout
+from .loss import packed_losses
 from .schedule import wsd_factor
 
 CKPT, CKPT_TMP, CKPT_OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
@@ -133,6 +133,14 @@ def validate(cfg: UptrainConfig, world: int = 1):
     from transformers import AutoConfig
 
     attn = choose_attention(cfg.attn)
+    if cfg.loss_impl == "liger":
+        import importlib.util
+
+        if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError("--loss-impl liger needs CUDA and liger-kernel (pip install liger-kernel); "
+                              "use --loss-impl chunked (the default) or auto")
+        if cfg.distill_weight > 0:
+            raise ConfigError("--loss-impl liger has no distillation KL; use --loss-impl chunked with --distill-weight")
     try:
         mcfg = AutoConfig.from_pretrained(cfg.model)
     except (OSError, ValueError) as err:
@@ -177,20 +185,6 @@ def add_lora(model, train: str, rank: int):
     targets = {"kv": ["k_proj", "v_proj"], "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
                "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}[train]
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets))
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor, teacher: Optional[torch.Tensor]):
-    """(sum of CE, sum of KL(teacher||student), target count) over the shifted targets, in float32."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:]
-    keep = target != IGNORE
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    kl = logits.new_zeros(())
-    if teacher is not None:
-        logp = F.log_softmax(logits[keep], dim=-1)
-        logq = F.log_softmax(teacher[:, :-1].float()[keep], dim=-1)
-        kl = (logq.exp() * (logq - logp)).sum()
-    return ce, kl, int(keep.sum())
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -397,7 +391,15 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
     stream = RowStream(spec, tokenizer, cfg.context)
     start, tokens_done, elapsed_before = 0, 0, 0.0
     if cfg.resume:
-        state = load_checkpoint(out, accelerator, model, optimizer, scheduler)
+        try:
+            state = load_checkpoint(out, accelerator, model, optimizer, scheduler)
+        except GqaConvertError:
+            raise
+        except Exception as err:  # truncated safetensors, damaged optimizer file, state.json not JSON
+            raise CheckpointError(
+                f"--resume: the checkpoint in {out} is damaged ({type(err).__name__}: {str(err)[:80]}); start "
+                "over in a new --output (or delete its checkpoint/ folder to resume from checkpoint.old/)"
+            ) from None
         start, tokens_done, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
         stream.skip(state["rows"])
         if main:
@@ -424,12 +426,11 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
             last = micro == cfg.grad_accum - 1
             ctx = accelerator.no_sync(model) if not last else _nullcontext()
             with ctx:
-                logits = packed_forward(model, batch)
-                t_logits = None
-                if teacher is not None:
-                    with torch.no_grad(), accelerator.autocast():
-                        t_logits = packed_forward(teacher, batch)
-                ce, kl, _ = token_losses(logits, batch["labels"], t_logits)
+                # The loss from the final hidden states, a chunk of tokens at a time through the
+                # output head: never the [T, V] logits (train/loss.py; 67 GB at 128K for Llama-3).
+                with accelerator.autocast():
+                    ce, kl, _ = packed_losses(model, batch, teacher, chunk_tokens=cfg.loss_chunk_tokens,
+                                              impl=cfg.loss_impl)
                 loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * kl if teacher is not None else ce
                 accelerator.backward(loss * scale)
             ce_sum += ce.detach()
