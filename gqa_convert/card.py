@@ -30,7 +30,7 @@ from . import __version__
 from .architectures import read_config
 from .errors import CheckpointError, ConfigError, SourceNotFoundError
 from .fileio import write_text_atomic
-from .records import ConversionRecord, UptrainRecord, VerificationRecord
+from .records import ConversionRecord, RetrievalRecord, RetrievalReport, UptrainRecord, VerificationRecord
 from .settings import REPO_ID_PATTERN
 
 TEMPLATE = "model_card.md.j2"
@@ -125,9 +125,45 @@ def _human_tokens(n: float) -> str:
     return str(int(n))
 
 
+def _retrieval_results(report: Optional[RetrievalReport]) -> list[tuple[str, int, float]]:
+    """(task, length, converted accuracy) at each task's longest measured length."""
+    out = []
+    for t in report.tasks if report else []:
+        scores = t.scores.get("converted", {})
+        if scores:
+            length = max(scores)
+            out.append((t.task, length, float(scores[length])))
+    return out
+
+
+def _retrieval_context(report: Optional[RetrievalReport]) -> Optional[dict[str, Any]]:
+    """The card's retrieval section: a table and one sentence on what was retained."""
+    if report is None or not report.tasks:
+        return None
+    rows = []
+    for t in report.tasks:
+        for n in sorted({*t.scores.get("source", {}), *t.scores.get("converted", {})}):
+            cell = {m: t.scores.get(m, {}).get(n) for m in ("source", "converted")}
+            rows.append({"task": t.task, "length": f"{n:,}",
+                         **{m: "–" if v is None else f"{100 * v:.0f}%" for m, v in cell.items()}})
+    src, new = report.mean("source"), report.mean("converted")
+    if report.ratio is not None:
+        summary = (f"Mean retrieval accuracy: source {100 * (src or 0):.0f}%, this model {100 * (new or 0):.0f}%; "
+                   f"the conversion retained {100 * report.ratio:.0f}% of the source's retrieval accuracy.")
+    elif src == 0:
+        summary = ("The source model retrieves nothing at these lengths, so retention could not be measured "
+                   f"(this model: {100 * (new or 0):.0f}%).")
+    else:
+        summary = f"Mean retrieval accuracy of this model: {100 * (new or 0):.0f}%."
+    depths = ", ".join(f"{d:g}" for d in report.depths)
+    return {"summary": summary, "rows": rows, "seed": report.seed, "samples": report.samples, "depths": depths,
+            "notes": " ".join(report.notes)}
+
+
 def build_metadata(
     verification: Optional[VerificationRecord],
     *,
+    retrieval: Optional[RetrievalReport] = None,
     base_model: Optional[str],
     licence: dict[str, str],
     datasets: list[str],
@@ -146,6 +182,14 @@ def build_metadata(
                 dataset_split=used.selection, verified=False,
                 metric_type=kind, metric_name=f"{kind} at T={v.context}", metric_value=round(float(value), 4),
             ))
+    for task, length, value in _retrieval_results(retrieval):
+        results.append(EvalResult(
+            task_type="text-generation", task_name="Long-context retrieval",
+            dataset_type="gqa-convert/passkey" if task == "passkey" else f"ruler/{task}",
+            dataset_name=f"{task} (synthetic, seed {retrieval.seed})" if retrieval else task,
+            verified=False, metric_type="accuracy", metric_name=f"{task} accuracy at {length} tokens",
+            metric_value=round(value, 4),
+        ))
     data = ModelCardData(
         base_model=base_model,
         base_model_relation=BASE_MODEL_RELATION if base_model else None,
@@ -205,6 +249,8 @@ def render_card(
     ver = VerificationRecord.read(model_dir)
     record = ConversionRecord.read(model_dir) or ConversionRecord()
     up = UptrainRecord.read(model_dir)
+    standalone = RetrievalRecord.read(model_dir)
+    retrieval = (ver.retrieval if ver else None) or (standalone.report if standalone else None)
 
     source_spec = ver.source if ver else record.source
     source_path = (ver.source_path if ver else None) or record.source_path  # only when a caller records one
@@ -246,6 +292,7 @@ def render_card(
         "costs": None,
         "loss": None,
         "uptraining": None,
+        "retrieval": _retrieval_context(retrieval),
     }
     if ver:
         c = ver.costs
@@ -279,7 +326,7 @@ def render_card(
                       up.data if up and up.data and REPO_ID.match(up.data) else None]
         datasets = [d for d in candidates if d]
     metadata = build_metadata(
-        ver, base_model=base, licence=licence, datasets=sorted(set(datasets)), model_name=ctx["title"]
+        ver, retrieval=retrieval, base_model=base, licence=licence, datasets=sorted(set(datasets)), model_name=ctx["title"]
     )
     ctx["metadata_yaml"] = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True, width=100)
     ctx["reproduce"] = reproduce or _reproduce(ver, record, up, model_dir)

@@ -135,6 +135,7 @@ def convert_checkpoint(
     calib_tokens: Optional[int] = None,
     q_heads: Optional[int] = None,
     q_method: str = "merge",
+    calib_device: str = "auto",
 ) -> ConvertResult:
     """Convert SOURCE to a checkpoint with `kv_heads` KV heads, written to OUTPUT.
 
@@ -154,6 +155,7 @@ def convert_checkpoint(
         calib_data: calibration text for align/optimal: a file, folder, dataset name, or an
             iterable of documents.
         calib_tokens: calibration token budget.
+        calib_device: where calibration runs its layer passes ("auto": CUDA when there is one).
         q_heads: new query-head count (None = unchanged; docs/query-heads.md). Must divide the old
             count and be a multiple of kv_heads: every new KV group keeps q_heads / kv_heads query
             heads. The written config gets `head_dim` explicitly. Needs calib_data when it changes.
@@ -192,14 +194,17 @@ def convert_checkpoint(
     local = Path(str(source)).expanduser().exists()
     if not local:  # hub source: now fetch the weights too
         src = resolve_source(str(source), revision=revision, token=token, allow_pickle=allow_pickle)
-    name, fn = resolve_method(
-        method,
-        source_dir=src,
-        calib_data=calib_data,
-        calib_tokens=calib_tokens,
-        cache_dir=cache_dir(),
-    )
-    reducer = _query_reducer(q_method, old, n_q, src, calib_data, calib_tokens)  # calibrates: before any write
+    from .merge.calibrate import options as calibration
+
+    with calibration(calib_device, progress=progress):  # the calibrations: before any write
+        name, fn = resolve_method(
+            method,
+            source_dir=src,
+            calib_data=calib_data,
+            calib_tokens=calib_tokens,
+            cache_dir=cache_dir(),
+        )
+        reducer = _query_reducer(q_method, old, n_q, src, calib_data, calib_tokens)
     new = new_shape(old, kv_heads, n_q)
     reader = TensorReader(src, allow_pickle=allow_pickle)
     layers = _layer_of_names(family, family.n_layers(config), reader)

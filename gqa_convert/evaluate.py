@@ -130,6 +130,8 @@ def document_loss(
     batch_size: int = 8,
     device: Optional[torch.device | str] = None,
     chunk_tokens: Optional[int] = None,
+    progress: bool = False,
+    desc: str = "scoring",
 ) -> LossResult:
     """Token-weighted mean next-token cross-entropy of `model` over `documents`.
 
@@ -141,6 +143,7 @@ def document_loss(
         batch_size: documents per forward pass (right-padded, padding masked out).
         device: where to run; default the model's device.
         chunk_tokens: tokens per chunk through the output head (default ~32M logits per chunk).
+        progress: a progress bar over documents (stderr), labelled `desc`.
 
     Returns:
         LossResult with the mean loss over all predicted tokens, its perplexity and the loss by position.
@@ -158,10 +161,14 @@ def document_loss(
     seqs = sorted(encode_documents(tokenizer, documents, max_tokens), key=len, reverse=True)  # less padding
     model.eval()
     losses, positions = [], []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(seqs), desc=desc, unit="doc", disable=not progress, dynamic_ncols=True)
     with torch.no_grad():
         for start in range(0, len(seqs), batch_size):
             batch = seqs[start : start + batch_size]
             width = len(batch[0])
+            bar.update(len(batch))
             if width < 2:
                 continue
             ids = torch.zeros(len(batch), width, dtype=torch.long)
@@ -170,12 +177,16 @@ def document_loss(
                 ids[row, : len(seq)] = torch.tensor(seq)
                 mask[row, : len(seq)] = 1
             ids, mask = ids.to(device), mask.to(device)
-            hidden = final_hidden(model, ids, attention_mask=mask)
+            # No padding in the batch (always so with batch_size 1): no mask, so attention runs
+            # causal without a [T, T] mask tensor, which at 128K would be the largest thing in memory.
+            padded = any(len(seq) < width for seq in batch)
+            hidden = final_hidden(model, ids, attention_mask=mask if padded else None)
             # Right-padded: a row's targets are its first len-1 positions (slices are views, no copy).
             for row, seq in enumerate(batch):
                 n = len(seq) - 1
                 losses.append(token_nll(hidden[row, :n], head, ids[row, 1 : n + 1], chunk_tokens=chunk_tokens).cpu())
                 positions.append(torch.arange(1, n + 1))  # the predicted token's index in its document
+    bar.close()
     count = sum(len(x) for x in losses)
     if count == 0:
         raise DataError("the documents hold no token to predict; give longer documents")

@@ -147,6 +147,18 @@ class LossReport(BaseModel):
     limit: float  # predicted + tolerance
     law: str
     notes: list[str] = Field(default_factory=list)
+    by_position: list[PositionRow] = Field(default_factory=list)  # does the model still use its long context?
+    plot: Optional[str] = None  # loss by position, source vs converted (PNG in the model folder)
+
+
+class PositionRow(BaseModel):
+    """Mean held-out loss of the tokens at positions [start, end) of their documents."""
+
+    start: int
+    end: int
+    tokens: int
+    source: float
+    converted: float
 
 
 class CostRow(BaseModel):
@@ -173,6 +185,43 @@ class Params(BaseModel):
     converted_non_embedding: int
 
 
+class RetrievalTask(BaseModel):
+    """One task's accuracy by model ("source", "converted") and prompt length."""
+
+    task: str
+    scores: dict[str, dict[int, float]] = Field(default_factory=dict)
+    skipped: dict[int, str] = Field(default_factory=dict)  # length -> why it was not run (too short, ...)
+
+
+class RetrievalReport(BaseModel):
+    """Long-context retrieval on identical prompts for every model (gqa_convert.evals)."""
+
+    context: int
+    lengths: list[int]
+    depths: list[float]
+    samples: int
+    seed: int
+    tasks: list[RetrievalTask] = Field(default_factory=list)
+    passkey_grid: dict[str, list[list[float]]] = Field(default_factory=dict)  # model -> [length][depth]
+    prompts_sha256: Optional[str] = None
+    ratio: Optional[float] = None  # converted / source mean accuracy (None: no source, or source scores 0)
+    notes: list[str] = Field(default_factory=list)
+    plot: Optional[str] = None  # the heat map PNG, relative to the model folder
+
+    def mean(self, model: str) -> Optional[float]:
+        values = [v for t in self.tasks for v in t.scores.get(model, {}).values()]
+        return sum(values) / len(values) if values else None
+
+
+class RetrievalRecord(Record):
+    """retrieval.json: what `gqa-convert eval` measured (verify puts the same in verification.json)."""
+
+    FILE: ClassVar[str] = "retrieval.json"
+    model: str
+    source: Optional[str] = None
+    report: RetrievalReport
+
+
 class VerificationRecord(Record):
     FILE: ClassVar[str] = "verification.json"
     passed: bool
@@ -190,6 +239,7 @@ class VerificationRecord(Record):
     params: Params
     loss: LossReport
     costs: CostReport
+    retrieval: Optional[RetrievalReport] = None
     versions: dict[str, str] = Field(default_factory=dict)
     created: str = ""
     command: Optional[str] = None

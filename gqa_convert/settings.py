@@ -259,6 +259,8 @@ class ConvertSettings(TextFormat, TrainSlice):
     calib_data: Optional[str] = field(None, "calibration text for align/optimal: file, folder or HF dataset name "
                                       "(in a run: default the uptraining documents after the held-out ones)")
     calib_tokens: TokenCount = field(DEFAULT_CALIB_TOKENS, "calibration tokens of the calibrated merges")
+    calib_device: str = field("auto", "where calibration runs: auto (cuda when there is one, else cpu), cpu, cuda",
+                              min_length=1)
     max_shard_size: ByteSize = field("5GB", "largest output shard")
     allow_pickle: bool = field(False, "read pickle .bin weights (loaded with weights_only)")
 
@@ -288,7 +290,9 @@ class UptrainSettings(TextFormat, TrainSlice):
     distill_weight: Fraction = field(0.0, "weight of KL(teacher||student) in the loss")
     lora: bool = field(False, "train LoRA adapters (peft), merged back on save")
     lora_rank: int = field(16, "LoRA rank", gt=0)
-    attn: Literal["auto", "flash", "sdpa"] = field("auto", "attention kernel")
+    attn: Literal["auto", "flash", "sdpa", "packed"] = field(
+        "auto", "attention kernel: auto (flash-attn 2 when it can run, else packed), flash, packed (one causal "
+        "SDPA call per packed document, no [T, T] mask), sdpa (stock, with the [T, T] document mask)")
     gradient_checkpointing: Optional[bool] = field(None, "recompute activations in backward (default: on with CUDA)")
     loss_chunk_tokens: Optional[int] = field(None, "tokens per chunk of the output head in the loss (default: "
                                              "about 32M logits, e.g. 256 tokens at a 128K vocabulary)", gt=0)
@@ -342,9 +346,61 @@ class VerifySettings(TextFormat):
                               aliases=("--documents",))
     tolerance: float = field(DEFAULT_TOLERANCE, "nats/token allowed above the law's prediction", ge=0,
                              allow_inf_nan=False)
-    batch_size: int = field(8, "documents per forward pass", gt=0)
-    device: Optional[str] = field(None, "torch device, e.g. cuda (default cpu)")
+    batch_size: int = field(8, "documents per forward pass (1 at long context: no padding, no [T, T] mask)", gt=0)
+    device: str = field("auto", "torch device: auto (cuda when there is one, else cpu), cpu, cuda, cuda:1, ...",
+                        min_length=1)
+    dtype: Literal["auto", "float32", "bfloat16"] = field(
+        "auto", "weights while measuring: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16")
+    loss_chunk_tokens: Optional[int] = field(None, "tokens per chunk of the output head (default: about 32M "
+                                             "logits)", gt=0)
+    progress: bool = field(True, "show progress bars")
     dataset_id: Optional[str] = field(None, "hub dataset id of the text, for the card's metadata")
+    retrieval: bool = field(True, "also measure long-context retrieval (the eval: settings) for source and "
+                            "converted")
+    min_retrieval_ratio: Optional[float] = field(None, "fail when converted / source retrieval accuracy is "
+                                                 "below this (e.g. 0.9); default: report only", ge=0, le=1)
+
+
+def _comma_list(value: Any) -> Any:
+    """`4K,8K,16K` (one flag value, as people type it) or a YAML list."""
+    if isinstance(value, str):
+        return [v for v in (p.strip() for p in value.split(",")) if v]
+    return value
+
+
+Lengths = Annotated[list[ContextLength], BeforeValidator(_comma_list)]
+Names = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], BeforeValidator(_comma_list)]
+Depths = Annotated[list[Annotated[float, Field(ge=0, le=1)]], BeforeValidator(_comma_list)]
+RETRIEVAL_TASKS = ("passkey", "ruler", "niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt",
+                   "ruler_cwe", "ruler_fwe")  # "ruler": every offline RULER task (docs/eval.md)
+
+
+class EvalSettings(Settings):
+    """`gqa-convert eval` and the recipe's `eval:` section: long-context retrieval (docs/eval.md)."""
+
+    tasks: Names = field(["passkey", "ruler"], "comma-separated: passkey (built in), ruler (every offline "
+                         "RULER task; needs the [eval] extra, skipped without it) or RULER task names")
+    lengths: Optional[Lengths] = field(None, "comma-separated prompt lengths, e.g. 4K,8K,16K (default: "
+                                       "T/8, T/4, T/2 and T)")
+    depths: Depths = field([0.0, 0.25, 0.5, 0.75, 1.0], "passkey depths, fractions of the prompt")
+    samples: int = field(5, "passkey samples per length x depth", gt=0, le=1000)
+    ruler_limit: int = field(20, "RULER samples per task x length", gt=0, le=1000)
+    seed: int = field(0, "seed of the prompts (the same for source and converted)")
+    batch_size: int = field(4, "prompts per forward pass", gt=0)
+    device: Optional[str] = field(None, "torch device, e.g. cuda (default: cuda when there is one, else cpu)")
+    progress: bool = field(True, "show a progress bar")
+
+    @model_validator(mode="after")
+    def _known_tasks(self):
+        unknown = [t for t in self.tasks if t not in RETRIEVAL_TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0][:40]!r}; choose from {', '.join(RETRIEVAL_TASKS)}")
+        return self
+
+    def lengths_for(self, context: int) -> list[int]:
+        if self.lengths:
+            return sorted(set(self.lengths))
+        return sorted({max(2, context // 8), max(2, context // 4), max(2, context // 2), context})
 
 
 class CardSettings(Settings):
@@ -398,6 +454,7 @@ class RunSettings(Settings):
     convert: ConvertSettings = Field(default_factory=ConvertSettings)
     uptrain: "UptrainSection" = Field(default_factory=lambda: UptrainSection(enabled=False))
     verify: VerifySettings = Field(default_factory=VerifySettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
     card: CardSettings = Field(default_factory=CardSettings)
     push: Optional[PushSettings] = None
 
@@ -467,6 +524,6 @@ def pick(model: type[Settings], names: tuple[str, ...], *, optional: tuple[str, 
 
 # The stage sections of a recipe, in run order, and the model of each.
 SECTIONS: dict[str, type[Settings]] = {
-    "convert": ConvertSettings, "uptrain": UptrainSection, "verify": VerifySettings,
+    "convert": ConvertSettings, "uptrain": UptrainSection, "verify": VerifySettings, "eval": EvalSettings,
     "card": CardSettings, "push": PushSettings,
 }

@@ -28,10 +28,23 @@ from . import __version__
 from .architectures import read_config
 from .errors import ConfigError, DataError
 from .recipe import validate_settings
-from .records import (Check, ConversionRecord, CostPair, CostReport, CostRow, DataUsed, Heads, LossReport, Params,
-                      UptrainRecord, VerificationRecord)
-from .settings import DEFAULT_TOLERANCE, HELDOUT_DOCS, VerifySettings, data_spec
+from .records import (
+    Check,
+    ConversionRecord,
+    CostPair,
+    CostReport,
+    CostRow,
+    DataUsed,
+    Heads,
+    LossReport,
+    Params,
+    PositionRow,
+    UptrainRecord,
+    VerificationRecord,
+)
+from .settings import DEFAULT_TOLERANCE, HELDOUT_DOCS, EvalSettings, VerifySettings, data_spec
 
+POSITION_PLOT = "loss_by_position.png"
 COST_LIMIT = 0.02  # measured costs must match the cost model within 2%
 # Tolerance on the loss, nats/token: settings.DEFAULT_TOLERANCE (0.05). Why 0.05: the law's delta
 # is a from-scratch-training prediction, so after uptraining a conversion is judged by it directly;
@@ -85,6 +98,65 @@ def measure_costs(model, context: int, *, seed: int = 0) -> dict:
     }
 
 
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name[:40]!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but torch sees no CUDA device here; use --device auto or cpu")
+    return device
+
+
+def _weights_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _position_rows(source, converted) -> list[PositionRow]:
+    """Loss by position, source and converted side by side (same documents, same buckets)."""
+    conv = {(b["start"], b["end"]): b for b in converted.by_position}
+    rows = []
+    for b in source.by_position:
+        c = conv.get((b["start"], b["end"]))
+        if c is not None:
+            rows.append(PositionRow(start=b["start"], end=b["end"], tokens=b["tokens"], source=b["mean_loss"],
+                                    converted=c["mean_loss"]))
+    return rows
+
+
+def plot_loss_by_position(rows: list[PositionRow], path: Path, context: int) -> Path:
+    """Mean loss per position bucket, source vs converted: does the model still use its context?"""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fileio import write_bytes_atomic
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    mids = [(r.start + r.end) / 2 for r in rows]
+    ax.plot(mids, [r.source for r in rows], marker="o", label="source")
+    ax.plot(mids, [r.converted for r in rows], marker="o", label="converted")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position in document (tokens)")
+    ax.set_ylabel("mean loss (nats/token)")
+    ax.set_title(f"held-out loss by position, T={context}")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    return write_bytes_atomic(path, buf.getvalue())
+
+
 def weights_digest(model_dir: Path) -> dict[str, str]:
     """sha256 of each safetensors file: ties a verification to the exact weights it measured."""
     import hashlib
@@ -128,6 +200,7 @@ def verify_model(
     card: bool = True,
     command: Optional[str] = None,
     documents: Optional[int] = None,
+    eval_settings: Optional[EvalSettings] = None,
     **overrides: Any,
 ) -> VerificationRecord:
     """Measure MODEL_DIR and SOURCE and check them against the law; return the record (module doc).
@@ -140,6 +213,7 @@ def verify_model(
         context: T, tokens per document (truncation) and the context at which costs are measured.
         settings: VerifySettings; any of its fields may also be given as keyword arguments
             (tolerance=, heldout_docs= (or documents=), batch_size=, device=, text_field=, ...).
+        eval_settings: the retrieval eval's settings (default EvalSettings()); run when settings.retrieval.
         law_path: a law file; default the shipped coefficients.
         write: write verification.json (and, with `card`, README.md) into model_dir.
     Returns:
@@ -201,15 +275,19 @@ def verify_model(
     )
 
     results, costs = {}, {}
-    dtype = "float32"
+    device = _device(s.device)
+    weights = _weights_dtype(s.dtype, device)
+    dtype = str(weights).removeprefix("torch.")
     for name, folder in (("source", src_dir), ("converted", model_dir)):
-        model, tok = load_model(folder)
-        if s.device:
-            model.to(s.device)
-        results[name] = document_loss(model, tok, docs, max_tokens=context, batch_size=s.batch_size)
+        model, tok = load_model(folder, dtype=weights)
+        model.to(device)
+        results[name] = document_loss(model, tok, docs, max_tokens=context, batch_size=s.batch_size,
+                                      chunk_tokens=s.loss_chunk_tokens, progress=s.progress, desc=f"loss ({name})")
         costs[name] = measure_costs(model, context)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     pred = {"source": cost_report(old, context, dtype=dtype), "converted": cost_report(new, context, dtype=dtype)}
     src_loss, new_loss = results["source"].mean_loss, results["converted"].mean_loss
@@ -249,6 +327,20 @@ def verify_model(
             f"loss {new_loss:.4f} exceeds the law's prediction {predicted:.4f} + tolerance {s.tolerance} = {limit:.4f} ({hint})"
         )
 
+    report_r = None
+    if s.retrieval:
+        from .evals.report import retrieval_report
+
+        report_r = retrieval_report({"source": src_dir, "converted": model_dir}, eval_settings or EvalSettings(), context,
+                                    plot_dir=model_dir if write else None)
+        gate = s.min_retrieval_ratio
+        ok = gate is None or report_r.ratio is None or report_r.ratio >= gate
+        detail = "not gated" if gate is None else f"converted / source {report_r.ratio} >= {gate}"
+        checks.append(Check(name="retrieval", passed=ok, detail=detail))
+        if not ok:
+            reasons.append(f"retrieval accuracy is {report_r.ratio:.3f} of the source's, below "
+                           f"verify.min_retrieval_ratio {gate} (uptrain longer, at the target context)")
+
     src_id = source_repo_id(str(source), record.source_repo, record.source, str(src_dir))
     default = s.heldout_docs == HELDOUT_DOCS
     report = VerificationRecord(
@@ -286,13 +378,17 @@ def verify_model(
             law=Path(law_path).name if law_path else
             "shipped default" + (f": {law.provenance.splitlines()[0]}" if law.provenance else ""),
             notes=_law_notes(law, old, new, delta, context),
+            by_position=_position_rows(results["source"], results["converted"]),
+            plot=POSITION_PLOT if write else None,
         ),
         costs=cost_table,
+        retrieval=report_r,
         versions=_versions(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         command=command,
     )
     if write:
+        plot_loss_by_position(report.loss.by_position, model_dir / POSITION_PLOT, context)
         report.write(model_dir)
         if card:
             write_model_card(model_dir, datasets=[s.dataset_id] if s.dataset_id else None)
@@ -331,5 +427,13 @@ def format_table(r: VerificationRecord) -> str:
         f"  law: source + delta {lo.delta:+.4f} = {lo.predicted:.4f}; limit with tolerance {lo.tolerance} = {lo.limit:.4f}",
     ]
     lines += [f"  note: {n}" for n in lo.notes]
+    if lo.by_position:
+        lines.append(f"  {'loss by position':<26} {'source':>14} {'converted':>14} {'tokens':>14}")
+        for row in lo.by_position:
+            lines.append(f"  {f'{row.start}-{row.end}':<26} {row.source:>14.4f} {row.converted:>14.4f} {row.tokens:>14,}")
+    if r.retrieval is not None:
+        from .evals.report import format_report
+
+        lines.append(format_report(r.retrieval))
     lines.append("PASSED" if r.passed else "FAILED: " + "; ".join(r.reasons))
     return "\n".join(lines)

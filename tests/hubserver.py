@@ -494,7 +494,7 @@ def _converted_and_verified(stories_hf, val_text, law_file, folder: Path, kv_hea
     from gqa_convert.verify import verify_model
 
     convert_checkpoint(stories_hf, folder, kv_heads, progress=False)
-    verify_model(folder, str(stories_hf), val_text, 512, law_path=law_file, documents=40)
+    verify_model(folder, str(stories_hf), val_text, 512, law_path=law_file, documents=40, retrieval=False)
     return folder
 
 

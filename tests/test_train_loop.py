@@ -101,7 +101,7 @@ def test_train_kv_changes_only_k_and_v(tiny, data, tmp_path):
     assert changed and all(".k_proj." in k or ".v_proj." in k for k in changed)
     assert len(changed) == 4  # k and v of both layers
     assert r.losses[-1] < r.losses[0]
-    assert r.attn_implementation == "sdpa"
+    assert r.attn_implementation == "sdpa_packed"  # auto without flash-attn: SDPA per document, no T×T mask
 
 
 def test_lora_is_merged_on_save(tiny, data, tmp_path):

@@ -78,6 +78,7 @@ def test_cli_exit_codes_and_table(stories_hf, stories_kv2, val_text, law_file, c
         "--documents",
         "8",
         "--no-card",
+        "--no-retrieval",
     ]
     assert main(base) == 1
     out, err = capsys.readouterr()

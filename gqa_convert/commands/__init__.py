@@ -18,9 +18,10 @@ from typing import Optional
 from .. import __version__
 from ..errors import GqaConvertError
 from . import card, convert, law, pipeline, plan, push, uptrain, verify
+from . import eval as eval_command
 
 # In the order `--help` lists them.
-COMMANDS = [pipeline, convert, plan, uptrain, verify, card, push, law]
+COMMANDS = [pipeline, convert, plan, uptrain, verify, eval_command, card, push, law]
 
 
 def build_parser() -> argparse.ArgumentParser:

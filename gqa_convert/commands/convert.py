@@ -63,7 +63,7 @@ def run(args) -> int:
         method=settings.method, max_shard_size=settings.max_shard_size, overwrite=args.overwrite,
         allow_pickle=settings.allow_pickle, progress=args.progress and not args.json, revision=shared.revision,
         token=os.environ.get("HF_TOKEN") or None, calib_data=calib, calib_tokens=settings.calib_tokens,
-        q_heads=shared.q_heads, q_method=settings.q_method,
+        q_heads=shared.q_heads, q_method=settings.q_method, calib_device=settings.calib_device,
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))

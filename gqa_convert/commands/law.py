@@ -86,14 +86,14 @@ def _table(args) -> int:
         return 0
     width = 16 if paper else 8
     print("L* \\ T  " + "".join(f"{_ctx_label(t):>{width}}" for t in contexts))
-    for i, l in enumerate(losses):
+    for i, loss in enumerate(losses):
         cells = []
         for j, (h, k) in enumerate(grid[i]):
             cell = f"{h},{k}"
-            if paper and (h, k) != TABLE4[l][j]:
-                cell += f" (p {TABLE4[l][j][0]},{TABLE4[l][j][1]})"
+            if paper and (h, k) != TABLE4[loss][j]:
+                cell += f" (p {TABLE4[loss][j][0]},{TABLE4[loss][j][1]})"
             cells.append(f"{cell:>{width}}")
-        print(f"{l:<8g}" + "".join(cells))
+        print(f"{loss:<8g}" + "".join(cells))
     if paper:
         print(f"{table4_match(grid)}/40 cells equal the paper's Table 4; (p h,kv) = the paper's cell where it differs")
     return 0

@@ -43,7 +43,7 @@ def recipe_from_flags(args) -> RunSettings:
     from ..settings import flag_name
 
     data: dict[str, Any] = given(args)
-    for key in ("func", "command", "push_to", "private", "set"):
+    for key in ("func", "command", "push_to", "private", "set", "debug"):
         data.pop(key, None)
     up = given(args, "uptrain" + SEP)
     if up:

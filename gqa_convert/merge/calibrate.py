@@ -29,9 +29,11 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union, cast
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, Union, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -174,6 +176,44 @@ def _empty_model(folder: Path):
 
 
 @torch.no_grad()
+@dataclass(frozen=True)
+class RunOptions:
+    """Where the calibration's layer passes run and whether they show progress."""
+
+    device: str = "cpu"
+    progress: bool = False
+
+
+_OPTIONS: ContextVar[Optional[RunOptions]] = ContextVar("calibration_options", default=None)
+
+
+@contextmanager
+def options(device: str = "auto", progress: bool = False) -> Iterator[RunOptions]:
+    """Run the calibrations started inside on `device` ("auto": CUDA when there is one), with a
+    progress bar over layers. A context, so the merge methods' signatures need not carry it."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    run = RunOptions(device=device, progress=progress)
+    token = _OPTIONS.set(run)
+    try:
+        yield run
+    finally:
+        _OPTIONS.reset(token)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """Tensors inside a layer's recorded (args, kwargs) moved to the device (position embeddings, masks)."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
 def layer_covariances(
     folder: Union[str, Path],
     chunks: Sequence[Tensor],
@@ -216,13 +256,19 @@ def layer_covariances(
     for i in range(n_layers):
         layers[i] = originals[i]
 
-    hidden = _layer0_inputs(model, layers, chunks)
+    run = _OPTIONS.get() or RunOptions()
+    device = torch.device(run.device)
+    hidden = [h.to(device) for h in _layer0_inputs(model, layers, chunks)]
+    kwargs_by_len = {n: [_to(entry, device) for entry in per_layer] for n, per_layer in kwargs_by_len.items()}
     results: list[Tensor] = []
     reader.close()  # unmap: touched pages of a memory-mapped file count as resident memory
-    for i in range(n_layers):
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(n_layers), desc="calibration", unit="layer", disable=not run.progress, dynamic_ncols=True):
         layer = layers[i]
         with TensorReader(folder) as layer_reader:  # reopened per layer for the same reason
             _materialize(layer, f"{prefix}.{i}", layer_reader, dtype)
+        layer.to(device)
         acc: list[Tensor] = []  # Σ_i, sized by the first input the hook sees (the site's width)
 
         # The hook (and `First` below) run only within their own loop iteration, so the loop
@@ -230,9 +276,9 @@ def layer_covariances(
         def hook(mod, args, kwargs):
             x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
             x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)], dim=1)
             if not acc:  # noqa: B023
-                acc.append(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))  # noqa: B023
+                acc.append(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device))  # noqa: B023
             acc[0].add_(x.T @ x)  # noqa: B023
 
         target = _attention_module(layer) if site is None else layer.get_submodule(site)
@@ -242,7 +288,7 @@ def layer_covariances(
             out = layer(h, *args, **kwargs)
             hidden[j] = out[0] if isinstance(out, tuple) else out
         handle.remove()
-        sigma = acc.pop()
+        sigma = acc.pop().cpu()
         layers[i] = layer.to("meta")  # drop the weights
         if out_dir is not None:
             save_file({"sigma": sigma}, str(Path(out_dir) / f"layer-{i:05d}.safetensors"))

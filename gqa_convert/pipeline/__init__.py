@@ -26,8 +26,8 @@ from ..errors import ConfigError, VerificationFailed
 from ..fileio import write_text_atomic
 from ..recipe import dump_recipe
 from ..settings import RunSettings
-from .state import RunState, fingerprint
 from .stages import STAGES, RunContext, Stage
+from .state import RunState, fingerprint
 
 __all__ = ["run_pipeline", "StageResult", "STAGES", "Stage", "RunContext", "RunState"]
 

@@ -141,7 +141,7 @@ class ConvertStage(Stage):
             ctx.source_dir(), target, ctx.outputs["plan"].kv_heads, method=r.convert.method,  # type: ignore[attr-defined]
             max_shard_size=r.convert.max_shard_size, overwrite=True, allow_pickle=r.convert.allow_pickle,
             calib_data=TrainingDocuments(spec) if spec else None, calib_tokens=r.convert.calib_tokens,
-            q_heads=r.q_heads, q_method=r.convert.q_method,
+            q_heads=r.q_heads, q_method=r.convert.q_method, calib_device=r.convert.calib_device,
         )
         ctx.link_final_model(target)
         ctx.log(f"[convert] {res.family}: {res.old_shape.n_kv} -> {res.new_shape.n_kv} KV heads ({res.method}), "
@@ -209,7 +209,7 @@ class VerifyStage(Stage):
         text = run.verify_source()
         fmt = text[1].model_dump(include={"text_field", "data_split", "data_config"}) if text else None
         return {"context": run.context, **run.verify.model_dump(), "data": text[0] if text else None,
-                "format": fmt, "law": run.law}
+                "format": fmt, "law": run.law, "eval": run.eval.model_dump() if run.verify.retrieval else None}
 
     def run(self, ctx: RunContext, *, resuming: bool) -> VerifyOutputs:
         from ..verify import format_table, verify_model
@@ -221,7 +221,7 @@ class VerifyStage(Stage):
         data, fmt = text
         settings = r.verify.model_copy(update=fmt.model_dump(include={"text_field", "data_split", "data_config"}))
         report = verify_model(ctx.final_model.resolve(), str(ctx.source_dir()), data, r.context, settings=settings,
-                              card=False, command=ctx.command(), law_path=r.law)
+                              card=False, command=ctx.command(), law_path=r.law, eval_settings=r.eval)
         ctx.log(format_table(report))
         return VerifyOutputs(passed=report.passed, reasons=report.reasons,
                              verification=str(ctx.final_model / "verification.json"))
