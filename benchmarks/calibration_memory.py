@@ -45,7 +45,9 @@ def child(mode: str, folder: str, cache: str) -> None:
         print(json.dumps({"weights_mb": make_model(Path(folder), int(cache))}))
         return
     torch.set_num_threads(1)
-    chunks = [torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(i)) for i in range(TOKENS // SEQ)]
+    chunks = [
+        torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(i)) for i in range(TOKENS // SEQ)
+    ]
     t = time.time()
     if mode == "calibrate":
         from gqa_convert.merge.calibrate import calibrate
@@ -87,7 +89,9 @@ def main() -> None:
             full = run_child("load", str(folder), str(Path(tmp) / "cache"))
         rows.append({"layers": n, "weights_mb": size, "calibrate_peak_mb": cal["peak_mb"],
                      "full_model_peak_mb": full["peak_mb"], "calibrate_seconds": cal["seconds"]})  # fmt: skip
-        print(f"{n:>6} {size:>10.0f} {cal['peak_mb']:>18.0f} {full['peak_mb']:>18.0f} {cal['seconds']:>8.1f}", flush=True)
+        print(
+            f"{n:>6} {size:>10.0f} {cal['peak_mb']:>18.0f} {full['peak_mb']:>18.0f} {cal['seconds']:>8.1f}", flush=True
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -45,11 +45,16 @@ def main() -> None:
     if args.compare_ref:
         with tempfile.TemporaryDirectory() as tmp:
             old = Path(tmp) / "old"
-            subprocess.run(["git", "worktree", "add", "--detach", str(old), args.compare_ref], cwd=ROOT,
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["git", "worktree", "add", "--detach", str(old), args.compare_ref],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
             try:
-                rows[f"gqa-convert --help @ {args.compare_ref}"] = timed([py, "-m", "gqa_convert", "--help"],
-                                                                         args.runs, old)
+                rows[f"gqa-convert --help @ {args.compare_ref}"] = timed(
+                    [py, "-m", "gqa_convert", "--help"], args.runs, old
+                )
             finally:
                 subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, capture_output=True)
     base = rows["python -c pass"]
@@ -57,9 +62,18 @@ def main() -> None:
     for name, t in rows.items():
         print(f"{name:<40} {t:>9.3f} {t - base:>13.3f}")
     out = ROOT / "benchmarks" / "results" / "cli_startup.json"
-    out.write_text(json.dumps({"runs": args.runs, "python": sys.version.split()[0],
-                               "median_s": rows, "minus_python_s": {k: v - base for k, v in rows.items()}},
-                              indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "runs": args.runs,
+                "python": sys.version.split()[0],
+                "median_s": rows,
+                "minus_python_s": {k: v - base for k, v in rows.items()},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"written to {out}")
 
 

@@ -107,7 +107,7 @@ def spec_for(params: float, small: bool) -> LlamaSpec:
     if small:
         return LlamaSpec(hidden=512, intermediate=1408, layers=4, heads=8, kv_heads=4, vocab=4096)
     base = LlamaSpec(layers=0)
-    per_layer = (LlamaSpec(layers=1).params() - base.params())
+    per_layer = LlamaSpec(layers=1).params() - base.params()
     return LlamaSpec(layers=max(1, math.ceil((params - base.params()) / per_layer)))
 
 
@@ -342,8 +342,11 @@ def main() -> int:
     ap.add_argument("--source-shard-size", default="1GB", help="shard size of the synthetic source")
     ap.add_argument("--max-shard-size", default="1GB", help="output shard size, both routes")
     ap.add_argument("--repeats", type=int, default=3, help="alternating copy/convert timings per mode")
-    ap.add_argument("--modes", default="cached,durable",
-                    help="timing modes: cached (writes may stay in the page cache), durable (fsync inside the timing)")
+    ap.add_argument(
+        "--modes",
+        default="cached,durable",
+        help="timing modes: cached (writes may stay in the page cache), durable (fsync inside the timing)",
+    )
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each timed run (root)")
     ap.add_argument("--skip-naive", action="store_true", help="skip the from_pretrained route")
     ap.add_argument("--workdir", default=None, help="where to write the checkpoints (default: system temp)")

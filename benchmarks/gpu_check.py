@@ -68,26 +68,91 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
 PHASES = ("environment", "build", "convert", "uptrain", "memory_plan", "verify", "decode")
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "B200": 2250.0, "A100": 312.0, "A800": 312.0,
-                    "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
-WORDS = ("the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "far", "away", "from", "home", "to", "see",
-         "big", "red", "dog", "who", "was", "very", "happy", "with", "his", "new", "ball", "in", "park", "one", "day")
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "H800": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "A10G": 125.0,
+    "L4": 121.0,
+}
+WORDS = (
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "and",
+    "then",
+    "ran",
+    "far",
+    "away",
+    "from",
+    "home",
+    "to",
+    "see",
+    "big",
+    "red",
+    "dog",
+    "who",
+    "was",
+    "very",
+    "happy",
+    "with",
+    "his",
+    "new",
+    "ball",
+    "in",
+    "park",
+    "one",
+    "day",
+)
 
 # Shapes and budgets. gpu: Qwen2.5-0.5B. smoke: the same family, tiny, on CPU.
 PROFILES = {
-    "gpu": dict(hidden=896, ffn=4864, layers=24, heads=14, kv=2, kv_to=1, vocab=151_936, context=32_768,
-                steps=6, warmup_steps=2, verify_docs=2, decode_steps=32, decode_warmup=4, decode_batch="1,16",
-                budget_s=420.0),
-    "smoke": dict(hidden=64, ffn=128, layers=2, heads=4, kv=2, kv_to=1, vocab=512, context=256,
-                  steps=3, warmup_steps=1, verify_docs=2, decode_steps=8, decode_warmup=2, decode_batch="1,4",
-                  budget_s=110.0),
+    "gpu": dict(
+        hidden=896,
+        ffn=4864,
+        layers=24,
+        heads=14,
+        kv=2,
+        kv_to=1,
+        vocab=151_936,
+        context=32_768,
+        steps=6,
+        warmup_steps=2,
+        verify_docs=2,
+        decode_steps=32,
+        decode_warmup=4,
+        decode_batch="1,16",
+        budget_s=420.0,
+    ),
+    "smoke": dict(
+        hidden=64,
+        ffn=128,
+        layers=2,
+        heads=4,
+        kv=2,
+        kv_to=1,
+        vocab=512,
+        context=256,
+        steps=3,
+        warmup_steps=1,
+        verify_docs=2,
+        decode_steps=8,
+        decode_warmup=2,
+        decode_batch="1,4",
+        budget_s=110.0,
+    ),
 }
 # Per-phase wall-clock limits, seconds (each also capped by what is left of --budget-s), and the
 # least time a phase needs to be worth starting.
-LIMITS = {"environment": 30, "build": 60, "convert": 60, "uptrain": 200, "memory_plan": 20, "verify": 120,
-          "decode": 90}
-MIN_START = {"environment": 1, "build": 10, "convert": 5, "uptrain": 45, "memory_plan": 1, "verify": 20,
-             "decode": 15}
+LIMITS = {"environment": 30, "build": 60, "convert": 60, "uptrain": 200, "memory_plan": 20, "verify": 120, "decode": 90}
+MIN_START = {"environment": 1, "build": 10, "convert": 5, "uptrain": 45, "memory_plan": 1, "verify": 20, "decode": 15}
 
 
 class PhaseTimeout(Exception):
@@ -106,9 +171,12 @@ class Check:
         self.t0 = time.time()
         self.deadline = self.t0 + args.budget_s
         self.data: dict[str, Any] = {
-            "check": "gpu_check", "mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "check": "gpu_check",
+            "mode": mode,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "phases": {name: {"status": "pending"} for name in PHASES}, "summary": {},
+            "phases": {name: {"status": "pending"} for name in PHASES},
+            "summary": {},
         }
         self.write()
 
@@ -156,8 +224,10 @@ class Check:
             _disarm(old)
         rec = {"status": status, "seconds": round(time.perf_counter() - t0, 2), **rec}
         self.data["phases"][name] = rec
-        print(f"gpu_check: {name}: {status} in {rec['seconds']} s" + (f" -- {rec['error']}" if "error" in rec else ""),
-              flush=True)
+        print(
+            f"gpu_check: {name}: {status} in {rec['seconds']} s" + (f" -- {rec['error']}" if "error" in rec else ""),
+            flush=True,
+        )
         _free()
         self.write()
 
@@ -212,8 +282,10 @@ def _peak() -> dict:
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-        return {"max_memory_allocated": torch.cuda.max_memory_allocated(),
-                "max_memory_reserved": torch.cuda.max_memory_reserved()}
+        return {
+            "max_memory_allocated": torch.cuda.max_memory_allocated(),
+            "max_memory_reserved": torch.cuda.max_memory_reserved(),
+        }
     # CPU (smoke): the process's lifetime peak RSS, for the code path only.
     return {"max_rss_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
@@ -279,10 +351,19 @@ def build(rec: dict, p: dict, work: Path, device: str) -> dict:
     tok = make_tokenizer([" ".join(WORDS)] * 20, vocab_size=min(400, p["vocab"]))
     sample = " ".join(rng.choice(WORDS) for _ in range(4000))
     tpw = len(tok(sample, add_special_tokens=False)["input_ids"]) / 4000
-    cfg = Qwen2Config(vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["ffn"],
-                      num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["kv"],
-                      max_position_embeddings=max(32_768, p["context"]), rope_theta=1_000_000.0,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = Qwen2Config(
+        vocab_size=p["vocab"],
+        hidden_size=p["hidden"],
+        intermediate_size=p["ffn"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv"],
+        max_position_embeddings=max(32_768, p["context"]),
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2ForCausalLM(cfg)
@@ -303,11 +384,27 @@ def build(rec: dict, p: dict, work: Path, device: str) -> dict:
     (work / "train.txt").write_text("\n\n".join(synthetic_docs(rng, tpw, lengths)) + "\n")
     verify_lengths = [int(T * 1.15)] * p["verify_docs"]
     (work / "verify.txt").write_text("\n\n".join(synthetic_docs(rng, tpw, verify_lengths)) + "\n")
-    rec.update(model="Qwen2ForCausalLM (random weights, bf16)", params=n_params, config={
-        k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                     "num_key_value_heads", "vocab_size", "max_position_embeddings")},
-        tokenizer_vocab=len(tok), tokens_per_word=round(tpw, 3), train_docs=len(lengths), train_tokens_approx=total,
-        verify_docs=len(verify_lengths))
+    rec.update(
+        model="Qwen2ForCausalLM (random weights, bf16)",
+        params=n_params,
+        config={
+            k: getattr(cfg, k)
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+                "max_position_embeddings",
+            )
+        },
+        tokenizer_vocab=len(tok),
+        tokens_per_word=round(tpw, 3),
+        train_docs=len(lengths),
+        train_tokens_approx=total,
+        verify_docs=len(verify_lengths),
+    )
     return {"source": src, "tokenizer": tok, "train": work / "train.txt", "verify": work / "verify.txt"}
 
 
@@ -379,8 +476,13 @@ def decode_model(folder: Path, context: int, steps: int, warmup: int, batches: l
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (1, prefill), generator=gen).to(device)
     weights = sum(x.numel() * x.element_size() for x in model.parameters())
-    out: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."), "cache_argument": kw, "prefill_tokens": prefill,
-                           "weight_bytes": weights, "batches": {}}
+    out: dict[str, Any] = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "cache_argument": kw,
+        "prefill_tokens": prefill,
+        "weight_bytes": weights,
+        "batches": {},
+    }
     for b in batches:
         _free()
         _reset_peak()
@@ -411,10 +513,17 @@ def decode_model(folder: Path, context: int, steps: int, warmup: int, batches: l
             _sync(device)
             dt = time.perf_counter() - t0
         kv, held = _cache_bytes(cache)
-        row = {"batch": b, "prefill_s": round(prefill_s, 4), "decode_s": round(dt, 4),
-               "step_ms": round(1000 * dt / steps, 3), "decode_tokens_per_s": round(b * steps / dt, 2),
-               "kv_cache_bytes": kv, "kv_cache_bytes_per_sequence": kv // b, "cache_tokens": held,
-               "cache_repeat": how}
+        row = {
+            "batch": b,
+            "prefill_s": round(prefill_s, 4),
+            "decode_s": round(dt, 4),
+            "step_ms": round(1000 * dt / steps, 3),
+            "decode_tokens_per_s": round(b * steps / dt, 2),
+            "kv_cache_bytes": kv,
+            "kv_cache_bytes_per_sequence": kv // b,
+            "cache_tokens": held,
+            "cache_repeat": how,
+        }
         if device.startswith("cuda"):
             row["peak_memory_above_weights"] = torch.cuda.max_memory_allocated() - base
         out["batches"][str(b)] = row
@@ -429,11 +538,17 @@ def decode_model(folder: Path, context: int, steps: int, warmup: int, batches: l
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="the same code path on CPU, tiny model, T = 256")
-    ap.add_argument("--out", type=Path, default=None, help="folder for gpu_check.json (default $OUT, else ./gpu_check_out)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="folder for gpu_check.json (default $OUT, else ./gpu_check_out)"
+    )
     ap.add_argument("--work", type=Path, default=None, help="scratch folder for the models (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder (models, the run)")
-    ap.add_argument("--attn", default="auto", help="uptrain attention: auto (flash-attn 2 if importable, else SDPA), "
-                    "flash, sdpa, or packed where this version has it")
+    ap.add_argument(
+        "--attn",
+        default="auto",
+        help="uptrain attention: auto (flash-attn 2 if importable, else SDPA), "
+        "flash, sdpa, or packed where this version has it",
+    )
     ap.add_argument("--context", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="uptraining steps")
     ap.add_argument("--warmup-steps", type=int, default=None, help="first steps left out of tokens/s")
@@ -442,13 +557,22 @@ def parse_args(argv):
     ap.add_argument("--decode-warmup", type=int, default=None, help="untimed decode steps before them")
     ap.add_argument("--decode-batch", default=None, help="comma-separated batch sizes for decode, e.g. 1,16")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak dense BF16 TFLOP/s (default: by GPU name)")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="wall-clock budget for all phases (default 420 on GPU, 110 smoke)")
+    ap.add_argument(
+        "--budget-s", type=float, default=None, help="wall-clock budget for all phases (default 420 on GPU, 110 smoke)"
+    )
     ap.add_argument("--limit-scale", type=float, default=1.0, help="multiply every per-phase limit")
     args = ap.parse_args(argv)
     prof = dict(PROFILES["smoke" if args.smoke else "gpu"])
-    for key in ("context", "steps", "warmup_steps", "verify_docs", "decode_steps", "decode_warmup", "decode_batch",
-                "budget_s"):
+    for key in (
+        "context",
+        "steps",
+        "warmup_steps",
+        "verify_docs",
+        "decode_steps",
+        "decode_warmup",
+        "decode_batch",
+        "budget_s",
+    ):
         if getattr(args, key) is None:
             setattr(args, key, prof[key])
         prof[key] = getattr(args, key)
@@ -490,8 +614,14 @@ def main(argv=None) -> int:
 
                 res = convert_checkpoint(state["source"], work / "converted", p["kv_to"], method="mean", progress=False)
                 state["converted"] = res.output
-                rec.update(method=res.method, family=res.family, old_shape=res.old_shape, new_shape=res.new_shape,
-                           bytes_written=res.bytes_written, tensors_changed=res.tensors_changed)
+                rec.update(
+                    method=res.method,
+                    family=res.family,
+                    old_shape=res.old_shape,
+                    new_shape=res.new_shape,
+                    bytes_written=res.bytes_written,
+                    tensors_changed=res.tensors_changed,
+                )
         with check.phase("uptrain", needs=("convert",)) as rec:
             if rec is not None:
                 uptrain_phase(rec, args, p, work, state, device)
@@ -520,8 +650,13 @@ def environment(args, device: str) -> dict:
 
     from gqa_convert.train.backend import choose_attention, flash_available
 
-    info: dict[str, Any] = {"device": device, "python": platform.python_version(), "torch": torch.__version__,
-                            "transformers": transformers.__version__, "cuda_runtime": torch.version.cuda}
+    info: dict[str, Any] = {
+        "device": device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda_runtime": torch.version.cuda,
+    }
     for mod in ("accelerate", "peft", "triton", "flash_attn", "liger_kernel", "deepspeed"):
         if importlib.util.find_spec(mod) is None:
             info[mod] = None
@@ -532,8 +667,12 @@ def environment(args, device: str) -> dict:
             info[mod] = f"import failed: {type(err).__name__}: {str(err)[:200]}"
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, capability=f"{props.major}.{props.minor}",
-                    gpus_visible=torch.cuda.device_count())
+        info.update(
+            gpu=props.name,
+            gpu_memory_bytes=props.total_memory,
+            capability=f"{props.major}.{props.minor}",
+            gpus_visible=torch.cuda.device_count(),
+        )
     name = info.get("gpu", "cpu")
     info["peak_bf16_tflops"] = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     ok, why = flash_available()
@@ -550,11 +689,35 @@ def uptrain_phase(rec: dict, args, p: dict, work: Path, state: dict, device: str
 
     T = p["context"]
     run = work / "run"
-    cfg = UptrainConfig(model=str(state["converted"]), data=str(state["train"]), context=T, output=str(run),
-                        steps=p["steps"], batch_size=1, lr=1e-5, heldout_docs=0, attn=args.attn,
-                        gradient_checkpointing=True, loss_impl="chunked", save_every=10**9, progress=True)
-    rec["settings"] = {k: getattr(cfg, k) for k in ("context", "steps", "batch_size", "attn", "gradient_checkpointing",
-                                                    "loss_impl", "loss_chunk_tokens", "train", "lora")}
+    cfg = UptrainConfig(
+        model=str(state["converted"]),
+        data=str(state["train"]),
+        context=T,
+        output=str(run),
+        steps=p["steps"],
+        batch_size=1,
+        lr=1e-5,
+        heldout_docs=0,
+        attn=args.attn,
+        gradient_checkpointing=True,
+        loss_impl="chunked",
+        save_every=10**9,
+        progress=True,
+    )
+    rec["settings"] = {
+        k: getattr(cfg, k)
+        for k in (
+            "context",
+            "steps",
+            "batch_size",
+            "attn",
+            "gradient_checkpointing",
+            "loss_impl",
+            "loss_chunk_tokens",
+            "train",
+            "lora",
+        )
+    }
     rec["autocast"] = "bf16 (accelerate, on CUDA)" if device == "cuda" else "none (CPU, float32)"
     segments = row_segments(cfg, state["tokenizer"], p["steps"])
     t0 = time.perf_counter()
@@ -565,13 +728,20 @@ def uptrain_phase(rec: dict, args, p: dict, work: Path, state: dict, device: str
     state["uptrain_peak"] = rec.get("max_memory_allocated")
     state["attention"] = res.attn_implementation
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    timed = rows[p["warmup_steps"]:] or rows
+    timed = rows[p["warmup_steps"] :] or rows
     secs = [T / r["tokens_per_s"] for r in timed]
     tok_s = T * len(timed) / sum(secs)
-    rec.update(attn_implementation=res.attn_implementation, steps=res.steps, final_loss=res.final_loss,
-               losses=res.losses, tokens_per_s_all_steps=round(res.tokens_per_s, 2), tokens_per_s=round(tok_s, 2),
-               timed_steps=len(timed), step_seconds=[round(T / r["tokens_per_s"], 3) for r in rows],
-               documents_per_row=[len(s) for s in segments])
+    rec.update(
+        attn_implementation=res.attn_implementation,
+        steps=res.steps,
+        final_loss=res.final_loss,
+        losses=res.losses,
+        tokens_per_s_all_steps=round(res.tokens_per_s, 2),
+        tokens_per_s=round(tok_s, 2),
+        timed_steps=len(timed),
+        step_seconds=[round(T / r["tokens_per_s"], 3) for r in rows],
+        documents_per_row=[len(s) for s in segments],
+    )
     n_mm = n_matmul(p)
     dh = p["hidden"] // p["heads"]
     full, docs = attention_pairs(segments, T)
@@ -580,9 +750,14 @@ def uptrain_phase(rec: dict, args, p: dict, work: Path, state: dict, device: str
     flops_doc = 6 * n_mm + attn_coef * docs / T  # per token, attention within documents
     recompute = 2 * n_mm + attn_coef / 3 * docs / T
     peak = state.get("peak_tflops")
-    rec["flops"] = {"n_matmul": n_mm, "per_token_dense": 6 * n_mm, "per_token_causal_row": flops_row,
-                    "per_token_documents": flops_doc, "per_token_recompute": recompute,
-                    "formula": "6*N_matmul + 12*L*n_h*d_h*P/T per token; P = T^2/2 (row) or sum s^2/2 (documents)"}
+    rec["flops"] = {
+        "n_matmul": n_mm,
+        "per_token_dense": 6 * n_mm,
+        "per_token_causal_row": flops_row,
+        "per_token_documents": flops_doc,
+        "per_token_recompute": recompute,
+        "formula": "6*N_matmul + 12*L*n_h*d_h*P/T per token; P = T^2/2 (row) or sum s^2/2 (documents)",
+    }
     rec["model_tflops_per_s"] = round(tok_s * flops_row / 1e12, 3)
     rec["model_tflops_per_s_documents"] = round(tok_s * flops_doc / 1e12, 3)
     rec["peak_bf16_tflops"] = peak
@@ -610,21 +785,40 @@ def plan_phase(rec: dict, p: dict, state: dict, device: str) -> None:
     else:  # sdpa_packed: no T x T mask, like flash-attn's varlen kernel, unless the planner knows it
         kind = "packed" if "packed" in kinds else "flash"
     shape = shape_from_config(json.loads((Path(state["converted"]) / "config.json").read_text()))
-    kw = dict(gpus=1, train="all", batch_size=1, gradient_checkpointing=True, dtype="bf16" if device == "cuda" else "fp32",
-              attention=kind, loss="chunked")
+    kw = dict(
+        gpus=1,
+        train="all",
+        batch_size=1,
+        gradient_checkpointing=True,
+        dtype="bf16" if device == "cuda" else "fp32",
+        attention=kind,
+        loss="chunked",
+    )
     if device == "cuda":
         import torch
 
         kw["gpu_memory"] = torch.cuda.get_device_properties(0).total_memory
     plan = plan_memory(shape, p["context"], **kw)
     measured = state.get("uptrain_peak")
-    rec.update(available=True, attention_as_planned=kind, attention_run=attn, settings=kw,
-               estimate_bytes=plan.total_bytes, estimate_gib=_gib(plan.total_bytes), peak_phase=plan.peak_phase,
-               parts=plan.parts, fits=getattr(plan, "fits", None), notes=list(getattr(plan, "notes", []) or []))
+    rec.update(
+        available=True,
+        attention_as_planned=kind,
+        attention_run=attn,
+        settings=kw,
+        estimate_bytes=plan.total_bytes,
+        estimate_gib=_gib(plan.total_bytes),
+        peak_phase=plan.peak_phase,
+        parts=plan.parts,
+        fits=getattr(plan, "fits", None),
+        notes=list(getattr(plan, "notes", []) or []),
+    )
     if measured:
-        rec.update(measured_bytes=measured, measured_gib=_gib(measured),
-                   estimate_over_measured=round(plan.total_bytes / measured, 4),
-                   within_20_percent=abs(plan.total_bytes / measured - 1) <= 0.20)
+        rec.update(
+            measured_bytes=measured,
+            measured_gib=_gib(measured),
+            estimate_over_measured=round(plan.total_bytes / measured, 4),
+            within_20_percent=abs(plan.total_bytes / measured - 1) <= 0.20,
+        )
     else:
         rec["measured_bytes"] = None
         rec["note"] = "no CUDA peak to compare (CPU smoke run: the estimate is recorded for the code path only)"
@@ -633,20 +827,44 @@ def plan_phase(rec: dict, p: dict, state: dict, device: str) -> None:
 def verify_phase(rec: dict, p: dict, state: dict, work: Path, device: str) -> None:
     from gqa_convert.verify import verify_model
 
-    model = state.get("run") if state.get("run") and (Path(state["run"]) / "config.json").is_file() else state["converted"]
+    model = (
+        state.get("run") if state.get("run") and (Path(state["run"]) / "config.json").is_file() else state["converted"]
+    )
     rec["model"] = "uptrained" if model == state.get("run") else "converted (uptrain did not finish)"
     t0 = time.perf_counter()
-    r = verify_model(model, str(state["source"]), state["verify"], p["context"], heldout_docs=p["verify_docs"],
-                     batch_size=1, device=device, retrieval=False, write=False, card=False)
+    r = verify_model(
+        model,
+        str(state["source"]),
+        state["verify"],
+        p["context"],
+        heldout_docs=p["verify_docs"],
+        batch_size=1,
+        device=device,
+        retrieval=False,
+        write=False,
+        card=False,
+    )
     rec["wall_s"] = round(time.perf_counter() - t0, 2)
     rec.update(_peak())
     d = r.model_dump(mode="json")
-    rec.update(passed=r.passed, reasons=r.reasons, loss=d.get("loss"), costs=d.get("costs"),
-               data=d.get("data"), checks=d.get("checks"),
-               extra={k: v for k, v in d.items() if k not in ("loss", "costs", "data", "checks", "reasons", "passed",
-                                                              "weights_sha256", "versions", "created")})
-    rec["note"] = ("random weights after a few steps: the loss check is expected to fail; the cost checks "
-                   "(KV bytes, FLOPs/token within 2% of the cost model) are what this phase verifies")
+    rec.update(
+        passed=r.passed,
+        reasons=r.reasons,
+        loss=d.get("loss"),
+        costs=d.get("costs"),
+        data=d.get("data"),
+        checks=d.get("checks"),
+        extra={
+            k: v
+            for k, v in d.items()
+            if k
+            not in ("loss", "costs", "data", "checks", "reasons", "passed", "weights_sha256", "versions", "created")
+        },
+    )
+    rec["note"] = (
+        "random weights after a few steps: the loss check is expected to fail; the cost checks "
+        "(KV bytes, FLOPs/token within 2% of the cost model) are what this phase verifies"
+    )
 
 
 def decode_phase(rec: dict, args, p: dict, state: dict, device: str) -> None:
@@ -655,8 +873,14 @@ def decode_phase(rec: dict, args, p: dict, state: dict, device: str) -> None:
 
     T = p["context"]
     batches = [int(b) for b in str(p["decode_batch"]).split(",") if b.strip()]
-    rec.update(context=T, decode_steps=p["decode_steps"], decode_warmup=p["decode_warmup"], batches=batches,
-               attention="sdpa", method="prefill T-W-N tokens once; repeat the cache to the batch; W+N greedy steps")
+    rec.update(
+        context=T,
+        decode_steps=p["decode_steps"],
+        decode_warmup=p["decode_warmup"],
+        batches=batches,
+        attention="sdpa",
+        method="prefill T-W-N tokens once; repeat the cache to the batch; W+N greedy steps",
+    )
     models = {"source": state["source"], "converted": state["converted"]}
     for name, folder in models.items():
         try:
@@ -669,8 +893,12 @@ def decode_phase(rec: dict, args, p: dict, state: dict, device: str) -> None:
         dtype = "bf16" if device == "cuda" else "fp32"
         shape = shape_from_config(json.loads((Path(folder) / "config.json").read_text()))
         pred = cost_report(shape, T, dtype=dtype)
-        rec[name]["predicted"] = {"kv_cache_bytes": pred.kv_cache_bytes, "weight_bytes": pred.weight_bytes,
-                                  "memory_bytes": pred.memory_bytes, "dtype": dtype}
+        rec[name]["predicted"] = {
+            "kv_cache_bytes": pred.kv_cache_bytes,
+            "weight_bytes": pred.weight_bytes,
+            "memory_bytes": pred.memory_bytes,
+            "dtype": dtype,
+        }
         for row in rec[name].get("batches", {}).values():
             row["kv_rel_error"] = round(row["kv_cache_bytes_per_sequence"] / pred.kv_cache_bytes - 1, 5)
     compare = {}
@@ -683,8 +911,9 @@ def decode_phase(rec: dict, args, p: dict, state: dict, device: str) -> None:
         compare[str(b)] = {
             "decode_speedup_measured": round(rc["decode_tokens_per_s"] / rs["decode_tokens_per_s"], 4),
             # memory-bound decode: each step reads the weights once and every sequence's KV cache
-            "decode_speedup_cost_model": round((ps["weight_bytes"] + b * ps["kv_cache_bytes"])
-                                               / (pc["weight_bytes"] + b * pc["kv_cache_bytes"]), 4),
+            "decode_speedup_cost_model": round(
+                (ps["weight_bytes"] + b * ps["kv_cache_bytes"]) / (pc["weight_bytes"] + b * pc["kv_cache_bytes"]), 4
+            ),
             "kv_ratio_measured": round(rc["kv_cache_bytes"] / rs["kv_cache_bytes"], 4),
             "kv_ratio_cost_model": round(pc["kv_cache_bytes"] / ps["kv_cache_bytes"], 4),
         }
@@ -693,7 +922,8 @@ def decode_phase(rec: dict, args, p: dict, state: dict, device: str) -> None:
     if gpu_mem:
         rec["sequences_of_T_that_fit_cost_model"] = {
             n: int((gpu_mem - m["predicted"]["weight_bytes"]) // m["predicted"]["kv_cache_bytes"])
-            for n, m in (("source", s), ("converted", c))}
+            for n, m in (("source", s), ("converted", c))
+        }
     bad = [n for n in models if "error" in rec[n]]
     if bad:
         raise RuntimeError("decode failed for " + ", ".join(f"{n}: {rec[n]['error']}" for n in bad))
@@ -702,8 +932,12 @@ def decode_phase(rec: dict, args, p: dict, state: dict, device: str) -> None:
 def summary(data: dict, p: dict) -> dict:
     ph = data["phases"]
     env, up, plan, ver, dec = (ph.get(n, {}) for n in ("environment", "uptrain", "memory_plan", "verify", "decode"))
-    s: dict[str, Any] = {"statuses": {n: ph[n].get("status") for n in PHASES}, "gpu": env.get("gpu", env.get("device")),
-                         "context": p["context"], "attention": up.get("attn_implementation", env.get("attention_chosen"))}
+    s: dict[str, Any] = {
+        "statuses": {n: ph[n].get("status") for n in PHASES},
+        "gpu": env.get("gpu", env.get("device")),
+        "context": p["context"],
+        "attention": up.get("attn_implementation", env.get("attention_chosen")),
+    }
     for key in ("tokens_per_s", "mfu", "mfu_documents", "max_memory_allocated"):
         if key in up:
             s[f"uptrain_{key}"] = up[key]
@@ -719,18 +953,25 @@ def summary(data: dict, p: dict) -> dict:
         s["verify_flops_rel_error"] = ((costs.get("flops_per_token") or {}).get("converted") or {}).get("rel_error")
         s["verify_loss"] = {k: (ver.get("loss") or {}).get(k) for k in ("source", "converted")}
     if "converted_vs_source" in dec:
-        s["decode"] = {b: {"source_tok_s": dec["source"]["batches"][b]["decode_tokens_per_s"],
-                           "converted_tok_s": dec["converted"]["batches"][b]["decode_tokens_per_s"],
-                           "source_kv_bytes_per_seq": dec["source"]["batches"][b]["kv_cache_bytes_per_sequence"],
-                           "converted_kv_bytes_per_seq": dec["converted"]["batches"][b]["kv_cache_bytes_per_sequence"],
-                           **v} for b, v in dec["converted_vs_source"].items()}
+        s["decode"] = {
+            b: {
+                "source_tok_s": dec["source"]["batches"][b]["decode_tokens_per_s"],
+                "converted_tok_s": dec["converted"]["batches"][b]["decode_tokens_per_s"],
+                "source_kv_bytes_per_seq": dec["source"]["batches"][b]["kv_cache_bytes_per_sequence"],
+                "converted_kv_bytes_per_seq": dec["converted"]["batches"][b]["kv_cache_bytes_per_sequence"],
+                **v,
+            }
+            for b, v in dec["converted_vs_source"].items()
+        }
     return s
 
 
 def print_summary(data: dict, path: Path) -> None:
     s = data["summary"]
-    print(f"\ngpu_check ({data['mode']}) on {s.get('gpu')}: T = {s['context']:,}, attention {s.get('attention')}, "
-          f"{data.get('total_s')} s in all")
+    print(
+        f"\ngpu_check ({data['mode']}) on {s.get('gpu')}: T = {s['context']:,}, attention {s.get('attention')}, "
+        f"{data.get('total_s')} s in all"
+    )
     for name in PHASES:
         r = data["phases"][name]
         line = f"  {name:<12} {r.get('status'):<8} {r.get('seconds', '')!s:>8} s"
@@ -738,20 +979,28 @@ def print_summary(data: dict, path: Path) -> None:
             line += f"  {(r.get('error') or r.get('reason'))[:150]}"
         print(line)
     if "uptrain_tokens_per_s" in s:
-        print(f"  uptrain: {s['uptrain_tokens_per_s']:,.0f} tokens/s, MFU {s.get('uptrain_mfu')} (causal row), "
-              f"{s.get('uptrain_mfu_documents')} (documents), peak {_gib(s.get('uptrain_max_memory_allocated'))} GiB")
+        print(
+            f"  uptrain: {s['uptrain_tokens_per_s']:,.0f} tokens/s, MFU {s.get('uptrain_mfu')} (causal row), "
+            f"{s.get('uptrain_mfu_documents')} (documents), peak {_gib(s.get('uptrain_max_memory_allocated'))} GiB"
+        )
     if "planner_estimate_bytes" in s:
-        print(f"  planner: {_gib(s['planner_estimate_bytes'])} GiB estimated, estimate/measured "
-              f"{s.get('planner_estimate_over_measured')}")
+        print(
+            f"  planner: {_gib(s['planner_estimate_bytes'])} GiB estimated, estimate/measured "
+            f"{s.get('planner_estimate_over_measured')}"
+        )
     elif "planner" in s:
         print(f"  planner: {s['planner']}")
     if "verify_passed" in s:
-        print(f"  verify: passed {s['verify_passed']}, loss {s['verify_loss']}, KV bytes vs cost model "
-              f"{s['verify_kv_rel_error']}, FLOPs/token {s['verify_flops_rel_error']}")
+        print(
+            f"  verify: passed {s['verify_passed']}, loss {s['verify_loss']}, KV bytes vs cost model "
+            f"{s['verify_kv_rel_error']}, FLOPs/token {s['verify_flops_rel_error']}"
+        )
     for b, d in (s.get("decode") or {}).items():
-        print(f"  decode batch {b}: {d['source_tok_s']:,.1f} -> {d['converted_tok_s']:,.1f} tokens/s "
-              f"(x{d['decode_speedup_measured']}, cost model x{d['decode_speedup_cost_model']}); KV/sequence "
-              f"{d['source_kv_bytes_per_seq']:,} -> {d['converted_kv_bytes_per_seq']:,} B")
+        print(
+            f"  decode batch {b}: {d['source_tok_s']:,.1f} -> {d['converted_tok_s']:,.1f} tokens/s "
+            f"(x{d['decode_speedup_measured']}, cost model x{d['decode_speedup_cost_model']}); KV/sequence "
+            f"{d['source_kv_bytes_per_seq']:,} -> {d['converted_kv_bytes_per_seq']:,} B"
+        )
     print(f"  all numbers: {path}")
 
 

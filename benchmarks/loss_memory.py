@@ -122,8 +122,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--both", type=int, nargs="*", default=[4096], help="T for chunked and unchunked")
     ap.add_argument("--chunked", type=int, nargs="*", default=[], help="T for the chunked route only")
-    ap.add_argument("--distill", type=int, nargs="*", default=[],
-                    help="T with a teacher (chunked; unchunked too if in --both)")
+    ap.add_argument(
+        "--distill", type=int, nargs="*", default=[], help="T with a teacher (chunked; unchunked too if in --both)"
+    )
     ap.add_argument("--json", type=Path, default=RESULTS / "loss_memory.json")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -134,16 +135,20 @@ def main() -> None:
     points += [(r, T, False) for T in args.chunked for r in ("chunked", "model")]
     for T in args.distill:
         points += [(r, T, True) for r in (("unchunked",) if T in args.both else ()) + ("chunked", "model")]
-    print(f"{'route':>9} {'T':>6} {'teacher':>7} {'step RSS MB':>11} {'tensors MB':>10} {'largest tensor':>14} "
-          f"{'s':>6}  loss")
+    print(
+        f"{'route':>9} {'T':>6} {'teacher':>7} {'step RSS MB':>11} {'tensors MB':>10} {'largest tensor':>14} "
+        f"{'s':>6}  loss"
+    )
     rows = []
     for route, T, distill in points:
         r = run_child(route, T, distill)
         rows.append(r)
         loss = "-" if r["loss"] is None else r["loss"]
-        print(f"{route:>9} {T:>6} {'yes' if distill else 'no':>7} {r['peak_rss_step_mb']:>11.0f} "
-              f"{r['peak_tensor_mb']:>10.0f} {r['largest_tensor_elements']:>14,} {r['seconds']:>6.1f}  {loss}",
-              flush=True)
+        print(
+            f"{route:>9} {T:>6} {'yes' if distill else 'no':>7} {r['peak_rss_step_mb']:>11.0f} "
+            f"{r['peak_tensor_mb']:>10.0f} {r['largest_tensor_elements']:>14,} {r['seconds']:>6.1f}  {loss}",
+            flush=True,
+        )
     ratios = []
     for T in sorted({r["T"] for r in rows}):
         for distill in (False, True):
@@ -152,19 +157,28 @@ def main() -> None:
                 continue
             m, c = by["model"], by["chunked"]
             # what the loss itself adds: the step's peak of live tensors minus the model-only step's
-            rec = {"T": T, "distill": distill,
-                   "chunked_loss_tensor_mb": round(c["peak_tensor_mb"] - m["peak_tensor_mb"], 1)}
-            line = (f"T={T}{' +teacher' if distill else ''}: the chunked loss raises the peak of live tensors by "
-                    f"{rec['chunked_loss_tensor_mb']:.0f} MB")
+            rec = {
+                "T": T,
+                "distill": distill,
+                "chunked_loss_tensor_mb": round(c["peak_tensor_mb"] - m["peak_tensor_mb"], 1),
+            }
+            line = (
+                f"T={T}{' +teacher' if distill else ''}: the chunked loss raises the peak of live tensors by "
+                f"{rec['chunked_loss_tensor_mb']:.0f} MB"
+            )
             if "unchunked" in by:
                 u = by["unchunked"]
-                rec.update(unchunked_loss_tensor_mb=round(u["peak_tensor_mb"] - m["peak_tensor_mb"], 1),
-                           rss_ratio=round(u["peak_rss_step_mb"] / c["peak_rss_step_mb"], 2),
-                           tensor_ratio=round(u["peak_tensor_mb"] / c["peak_tensor_mb"], 2),
-                           loss_diff=abs(u["loss"] - c["loss"]))
-                line += (f", the unchunked {rec['unchunked_loss_tensor_mb']:.0f} MB; whole step unchunked / chunked = "
-                         f"{rec['rss_ratio']}x (RSS), {rec['tensor_ratio']}x (tensors); "
-                         f"|loss difference| = {rec['loss_diff']:.1e}")
+                rec.update(
+                    unchunked_loss_tensor_mb=round(u["peak_tensor_mb"] - m["peak_tensor_mb"], 1),
+                    rss_ratio=round(u["peak_rss_step_mb"] / c["peak_rss_step_mb"], 2),
+                    tensor_ratio=round(u["peak_tensor_mb"] / c["peak_tensor_mb"], 2),
+                    loss_diff=abs(u["loss"] - c["loss"]),
+                )
+                line += (
+                    f", the unchunked {rec['unchunked_loss_tensor_mb']:.0f} MB; whole step unchunked / chunked = "
+                    f"{rec['rss_ratio']}x (RSS), {rec['tensor_ratio']}x (tensors); "
+                    f"|loss difference| = {rec['loss_diff']:.1e}"
+                )
             ratios.append(rec)
             print(line)
     args.json.parent.mkdir(parents=True, exist_ok=True)

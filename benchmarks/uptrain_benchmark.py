@@ -40,7 +40,9 @@ def prepare_model(work: Path) -> tuple[Path, Path]:
         from gqa_convert.convert import convert_checkpoint
         from gqa_convert.llama2c import export_llama2c
 
-        src = export_llama2c(FIXTURES / "stories260K" / "stories260K.bin", FIXTURES / "stories260K" / "tok512.bin", work / "src")
+        src = export_llama2c(
+            FIXTURES / "stories260K" / "stories260K.bin", FIXTURES / "stories260K" / "tok512.bin", work / "src"
+        )
         convert_checkpoint(src, work / "kv2", 2, progress=False)
         return work / "kv2", text
     from gqa_convert.train.data import split_text
@@ -56,9 +58,25 @@ def prepare_model(work: Path) -> tuple[Path, Path]:
 def run_uptrain(model: Path, text: Path, out: Path, args) -> dict:
     from gqa_convert.train.uptrain import UptrainConfig, uptrain
 
-    uptrain(UptrainConfig(model=str(model), data=str(text), context=args.context, output=str(out), steps=args.steps,
-                          batch_size=args.batch_size, lr=args.lr, warmup=0.0, decay=0.0, heldout_docs=200,
-                          train_start=1000, save_every=10**9, progress=False, attn="sdpa", gradient_checkpointing=False))
+    uptrain(
+        UptrainConfig(
+            model=str(model),
+            data=str(text),
+            context=args.context,
+            output=str(out),
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup=0.0,
+            decay=0.0,
+            heldout_docs=200,
+            train_start=1000,
+            save_every=10**9,
+            progress=False,
+            attn="sdpa",
+            gradient_checkpointing=False,
+        )
+    )
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][args.warmup :]
     tokens = sum(args.batch_size * args.context for _ in rows)
     seconds = sum(args.batch_size * args.context / r["tokens_per_s"] for r in rows)
@@ -80,8 +98,13 @@ def run_trainer(model_dir: Path, text: Path, out: Path, args, mode: str) -> dict
         for x in ids:
             x = x[:T]
             n = len(x)
-            rows.append({"input_ids": x + [pad] * (T - n), "attention_mask": [1] * n + [0] * (T - n),
-                         "labels": x + [-100] * (T - n)})
+            rows.append(
+                {
+                    "input_ids": x + [pad] * (T - n),
+                    "attention_mask": [1] * n + [0] * (T - n),
+                    "labels": x + [-100] * (T - n),
+                }
+            )
     else:  # run_clm group_texts
         flat = [t for x in ids for t in x]
         for i in range(0, len(flat) - T + 1, T):
@@ -105,18 +128,35 @@ def run_trainer(model_dir: Path, text: Path, out: Path, args, mode: str) -> dict
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     targs = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=args.lr,
-        adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="constant",
-        warmup_steps=0, logging_strategy="no", save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0, disable_tqdm=True, seed=0, bf16=torch.cuda.is_available(),
+        output_dir=str(out),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        bf16=torch.cuda.is_available(),
     )
     Trainer(model=model, args=targs, train_dataset=Data(), callbacks=[Clock()]).train()
     real_per_step = real / args.steps
     timed = times[args.warmup - 1 :]
     seconds = timed[-1] - timed[0]
     steps = len(timed) - 1
-    return {"tokens_per_s": real_per_step * steps / seconds, "padding": 1 - real / (len(rows) * T),
-            "cross_document_attention": mode == "concatenated"}
+    return {
+        "tokens_per_s": real_per_step * steps / seconds,
+        "padding": 1 - real / (len(rows) * T),
+        "cross_document_attention": mode == "concatenated",
+    }
 
 
 def main(argv=None) -> int:
@@ -141,12 +181,18 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = res["uptrain (packed)"]["tokens_per_s"]
-    print(f"\nmodel {model.name}, context {args.context}, batch {args.batch_size}, {args.steps} steps "
-          f"(first {args.warmup} untimed), {args.threads} thread(s), torch {torch.__version__}")
-    print(f"{'contender':24s} {'real tokens/s':>14s} {'padding':>8s} {'uptrain / it':>13s}  attention crosses documents")
+    print(
+        f"\nmodel {model.name}, context {args.context}, batch {args.batch_size}, {args.steps} steps "
+        f"(first {args.warmup} untimed), {args.threads} thread(s), torch {torch.__version__}"
+    )
+    print(
+        f"{'contender':24s} {'real tokens/s':>14s} {'padding':>8s} {'uptrain / it':>13s}  attention crosses documents"
+    )
     for name, r in res.items():
-        print(f"{name:24s} {r['tokens_per_s']:14,.0f} {r['padding']:8.1%} {base / r['tokens_per_s']:12.2f}x  "
-              f"{'yes' if r['cross_document_attention'] else 'no'}")
+        print(
+            f"{name:24s} {r['tokens_per_s']:14,.0f} {r['padding']:8.1%} {base / r['tokens_per_s']:12.2f}x  "
+            f"{'yes' if r['cross_document_attention'] else 'no'}"
+        )
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": res}, indent=1))
     return 0

@@ -45,7 +45,7 @@ METHOD_LINES = {
     "mean": "each new K/V head the mean of a contiguous group of old heads (Ainslie et al., 2023)",
     "align": "old K/V heads aligned by function-preserving rotations, then mean-pooled (Jin et al., 2024)",
     "optimal": "activation-optimal closed-form merge of contiguous K/V-head groups, "
-               "the per-head maps absorbed into q_proj/o_proj (calibrated on held-in text)",
+    "the per-head maps absorbed into q_proj/o_proj (calibrated on held-in text)",
 }
 
 
@@ -144,20 +144,35 @@ def _retrieval_context(report: Optional[RetrievalReport]) -> Optional[dict[str, 
     for t in report.tasks:
         for n in sorted({*t.scores.get("source", {}), *t.scores.get("converted", {})}):
             cell = {m: t.scores.get(m, {}).get(n) for m in ("source", "converted")}
-            rows.append({"task": t.task, "length": f"{n:,}",
-                         **{m: "–" if v is None else f"{100 * v:.0f}%" for m, v in cell.items()}})
+            rows.append(
+                {
+                    "task": t.task,
+                    "length": f"{n:,}",
+                    **{m: "–" if v is None else f"{100 * v:.0f}%" for m, v in cell.items()},
+                }
+            )
     src, new = report.mean("source"), report.mean("converted")
     if report.ratio is not None:
-        summary = (f"Mean retrieval accuracy: source {100 * (src or 0):.0f}%, this model {100 * (new or 0):.0f}%; "
-                   f"the conversion retained {100 * report.ratio:.0f}% of the source's retrieval accuracy.")
+        summary = (
+            f"Mean retrieval accuracy: source {100 * (src or 0):.0f}%, this model {100 * (new or 0):.0f}%; "
+            f"the conversion retained {100 * report.ratio:.0f}% of the source's retrieval accuracy."
+        )
     elif src == 0:
-        summary = ("The source model retrieves nothing at these lengths, so retention could not be measured "
-                   f"(this model: {100 * (new or 0):.0f}%).")
+        summary = (
+            "The source model retrieves nothing at these lengths, so retention could not be measured "
+            f"(this model: {100 * (new or 0):.0f}%)."
+        )
     else:
         summary = f"Mean retrieval accuracy of this model: {100 * (new or 0):.0f}%."
     depths = ", ".join(f"{d:g}" for d in report.depths)
-    return {"summary": summary, "rows": rows, "seed": report.seed, "samples": report.samples, "depths": depths,
-            "notes": " ".join(report.notes)}
+    return {
+        "summary": summary,
+        "rows": rows,
+        "seed": report.seed,
+        "samples": report.samples,
+        "depths": depths,
+        "notes": " ".join(report.notes),
+    }
 
 
 def build_metadata(
@@ -176,20 +191,32 @@ def build_metadata(
     if verification is not None:
         v, used = verification, verification.data
         for kind, value in (("loss", v.loss.converted), ("perplexity", v.loss.converted_perplexity)):
-            results.append(EvalResult(
-                task_type="text-generation", task_name="Causal language modeling",
-                dataset_type=used.dataset_id or "text", dataset_name=used.name or "held-out text",
-                dataset_split=used.selection, verified=False,
-                metric_type=kind, metric_name=f"{kind} at T={v.context}", metric_value=round(float(value), 4),
-            ))
+            results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name="Causal language modeling",
+                    dataset_type=used.dataset_id or "text",
+                    dataset_name=used.name or "held-out text",
+                    dataset_split=used.selection,
+                    verified=False,
+                    metric_type=kind,
+                    metric_name=f"{kind} at T={v.context}",
+                    metric_value=round(float(value), 4),
+                )
+            )
     for task, length, value in _retrieval_results(retrieval):
-        results.append(EvalResult(
-            task_type="text-generation", task_name="Long-context retrieval",
-            dataset_type="gqa-convert/passkey" if task == "passkey" else f"ruler/{task}",
-            dataset_name=f"{task} (synthetic, seed {retrieval.seed})" if retrieval else task,
-            verified=False, metric_type="accuracy", metric_name=f"{task} accuracy at {length} tokens",
-            metric_value=round(value, 4),
-        ))
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                task_name="Long-context retrieval",
+                dataset_type="gqa-convert/passkey" if task == "passkey" else f"ruler/{task}",
+                dataset_name=f"{task} (synthetic, seed {retrieval.seed})" if retrieval else task,
+                verified=False,
+                metric_type="accuracy",
+                metric_name=f"{task} accuracy at {length} tokens",
+                metric_value=round(value, 4),
+            )
+        )
     data = ModelCardData(
         base_model=base_model,
         base_model_relation=BASE_MODEL_RELATION if base_model else None,
@@ -212,8 +239,15 @@ UPTRAIN_SKIP = {"save_every", "gradient_checkpointing", "attn", "seed"}
 def _uptraining_rows(up: UptrainRecord) -> list[tuple[str, str]]:
     """Flat (setting, value) rows: what the run did, then the settings it ran with."""
     rows = []
-    done = {"steps": up.steps, "tokens": up.tokens, "final loss": up.final_loss, "context": up.context,
-            "data": up.data, "held-out documents": up.heldout_docs, "training from document": up.train_start}
+    done = {
+        "steps": up.steps,
+        "tokens": up.tokens,
+        "final loss": up.final_loss,
+        "context": up.context,
+        "data": up.data,
+        "held-out documents": up.heldout_docs,
+        "training from document": up.train_start,
+    }
     settings = {k: v for k, v in up.settings.items() if k not in ("steps", "heldout_docs", "train_start")}
     if not settings.get("lora"):
         settings.pop("lora_rank", None)
@@ -254,7 +288,9 @@ def render_card(
 
     source_spec = ver.source if ver else record.source
     source_path = (ver.source_path if ver else None) or record.source_path  # only when a caller records one
-    base = base_model or (ver.source_id if ver else None) or source_repo_id(record.source_repo, source_spec, source_path)
+    base = (
+        base_model or (ver.source_id if ver else None) or source_repo_id(record.source_repo, source_spec, source_path)
+    )
     licence = (ver.source_licence if ver else None) or source_licence(Path(source_path) if source_path else None, base)
     if license:
         licence = {"license": license}
@@ -322,23 +358,34 @@ def render_card(
             "rows": _uptraining_rows(up),
         }
     if not datasets:
-        candidates = [up.dataset_id if up else None, ver.data.dataset_id if ver else None,
-                      up.data if up and up.data and REPO_ID.match(up.data) else None]
+        candidates = [
+            up.dataset_id if up else None,
+            ver.data.dataset_id if ver else None,
+            up.data if up and up.data and REPO_ID.match(up.data) else None,
+        ]
         datasets = [d for d in candidates if d]
     metadata = build_metadata(
-        ver, retrieval=retrieval, base_model=base, licence=licence, datasets=sorted(set(datasets)), model_name=ctx["title"]
+        ver,
+        retrieval=retrieval,
+        base_model=base,
+        licence=licence,
+        datasets=sorted(set(datasets)),
+        model_name=ctx["title"],
     )
     ctx["metadata_yaml"] = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True, width=100)
     ctx["reproduce"] = reproduce or _reproduce(ver, record, up, model_dir)
-    ctx["versions"] = ", ".join(f"{k} {v}" for k, v in ((ver.versions if ver else None) or {"gqa-convert": __version__}).items())
+    ctx["versions"] = ", ".join(
+        f"{k} {v}" for k, v in ((ver.versions if ver else None) or {"gqa-convert": __version__}).items()
+    )
 
     template = (resources.files("gqa_convert") / "templates" / TEMPLATE).read_text()
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     return re.sub(r"\n{3,}", "\n\n", env.from_string(template).render(**ctx))
 
 
-def _reproduce(ver: Optional[VerificationRecord], record: ConversionRecord, up: Optional[UptrainRecord],
-               model_dir: Path) -> str:
+def _reproduce(
+    ver: Optional[VerificationRecord], record: ConversionRecord, up: Optional[UptrainRecord], model_dir: Path
+) -> str:
     """The commands that rebuild this folder, from the recorded steps."""
     lines = []
     src = record.source if record.source != "unknown" else (ver.source if ver else "SOURCE")
@@ -347,8 +394,9 @@ def _reproduce(ver: Optional[VerificationRecord], record: ConversionRecord, up: 
     converted = (up.model if up else None) or model_dir.name
     new = record.new or (ver.heads["converted"] if ver else None)
     if record.new or ver:
-        lines.append(f"gqa-convert convert {src} --kv-heads {new.n_kv if new else 'N'} --method {record.method} "
-                     f"-o {converted}")
+        lines.append(
+            f"gqa-convert convert {src} --kv-heads {new.n_kv if new else 'N'} --method {record.method} -o {converted}"
+        )
     if up and up.command:
         lines.append(up.command)
     if ver and ver.command:
@@ -381,7 +429,14 @@ def write_model_card(
 ) -> Path:
     """Render and write MODEL_DIR/README.md atomically (after checking its metadata parses); return its path."""
     model_dir = Path(model_dir)
-    text = render_card(model_dir, base_model=base_model, datasets=datasets, repo_id=repo_id, reproduce=reproduce,
-                       title=title, license=license)
+    text = render_card(
+        model_dir,
+        base_model=base_model,
+        datasets=datasets,
+        repo_id=repo_id,
+        reproduce=reproduce,
+        title=title,
+        license=license,
+    )
     check_card_text(text)
     return write_text_atomic(model_dir / "README.md", text)

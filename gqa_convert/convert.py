@@ -98,8 +98,10 @@ def _merge_module(method: str):
 def check_output(output: Path, source: Path, overwrite: bool) -> None:
     """Refuse an output that equals, contains or lies inside the source, exists, or cannot be written."""
     if overwrite and output.exists() and Path.cwd().resolve() in (output.resolve(), *Path.cwd().resolve().parents):
-        raise OutputError(f"output {output} is (or holds) the current folder; --overwrite would replace it under "
-                          "you: cd elsewhere or choose another folder")
+        raise OutputError(
+            f"output {output} is (or holds) the current folder; --overwrite would replace it under "
+            "you: cd elsewhere or choose another folder"
+        )
     out = output.resolve()
     src = source.resolve()
     if out == src or src in out.parents or out in src.parents:

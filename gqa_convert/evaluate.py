@@ -82,7 +82,9 @@ def load_model(folder: Path | str, dtype: Optional[torch.dtype] = None):
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise SourceNotFoundError(f"{folder} is not a model folder (no config.json); give a converted or exported folder")
+        raise SourceNotFoundError(
+            f"{folder} is not a model folder (no config.json); give a converted or exported folder"
+        )
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     return model.eval(), tokenizer
@@ -192,8 +194,13 @@ def document_loss(
         raise DataError("the documents hold no token to predict; give longer documents")
     nll, pos = torch.cat(losses), torch.cat(positions)
     mean = nll.double().sum().item() / count
-    return LossResult(mean_loss=mean, perplexity=math.exp(mean), tokens=count, documents=len(documents),
-                      by_position=loss_by_position(pos, nll, max_tokens))
+    return LossResult(
+        mean_loss=mean,
+        perplexity=math.exp(mean),
+        tokens=count,
+        documents=len(documents),
+        by_position=loss_by_position(pos, nll, max_tokens),
+    )
 
 
 __all__ = [

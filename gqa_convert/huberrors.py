@@ -44,9 +44,7 @@ def download_error(err: Exception, repo: str, revision: Optional[str]) -> GqaCon
     if isinstance(err, hf.HfHubHTTPError):
         status = _status(err)
         if status in (401, 403):
-            return AccessError(
-                f"the hub refused access to {repo} (HTTP {status}): {login} to a token that can read it"
-            )
+            return AccessError(f"the hub refused access to {repo} (HTTP {status}): {login} to a token that can read it")
         return HubError(f"the hub failed while fetching {where} (HTTP {status}); try again later")
     return HubError(
         f"cannot reach the hub for {where} ({type(err).__name__}); check the connection or HF_ENDPOINT, "
@@ -97,5 +95,3 @@ def hub_error(err: Exception, repo_id: str, action: str) -> GqaConvertError:
         f"cannot reach the hub at {constants.ENDPOINT} to {action} {repo_id} ({type(err).__name__}); "
         "check the connection or HF_ENDPOINT, then re-run (nothing was committed)"
     )
-
-

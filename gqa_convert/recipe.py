@@ -71,8 +71,9 @@ def _read(path: Path) -> dict:
     return data
 
 
-def load_recipe(path: Union[str, Path, None] = None, overrides: Optional[list[str]] = None,
-                data: Optional[dict] = None) -> RunSettings:
+def load_recipe(
+    path: Union[str, Path, None] = None, overrides: Optional[list[str]] = None, data: Optional[dict] = None
+) -> RunSettings:
     """Read, override and validate a recipe. Relative paths in it stay relative to the CWD."""
     if data is None:
         if path is None:

@@ -73,8 +73,12 @@ def _byte_size(value: Any) -> str:
 def _kv_heads(value: Any) -> Union[int, str]:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not re.fullmatch(r"\s*\d+\s*", str(value)) \
-            or int(value) < 1:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, str))
+        or not re.fullmatch(r"\s*\d+\s*", str(value))
+        or int(value) < 1
+    ):
         raise ValueError("must be a whole number or 'auto'")
     return int(value)
 
@@ -139,8 +143,9 @@ def describe_error(error: Any, model: type[BaseModel], name: Callable[[list[str]
     return f"invalid value for {key!r}: {msg} (got {_shown(error.get('input'))})"
 
 
-def validate_settings(model: type[BaseModel], data: Any, *, where: str = "",
-                      name: Callable[[list[str]], str] = ".".join):
+def validate_settings(
+    model: type[BaseModel], data: Any, *, where: str = "", name: Callable[[list[str]], str] = ".".join
+):
     """model.model_validate(data), every failure a ConfigError of one line."""
     try:
         return model.model_validate(data)
@@ -148,7 +153,6 @@ def validate_settings(model: type[BaseModel], data: Any, *, where: str = "",
         raise ConfigError(where + describe_error(err.errors()[0], model, name)) from None
     except RecursionError:
         raise ConfigError(where + "settings are nested too deeply") from None
-
 
 
 def _flag_of(loc: list[str]) -> str:
@@ -173,8 +177,15 @@ class CommandConfig(Settings):
             raise ConfigError(describe_error(err.errors()[0], type(self), _flag_of)) from None
 
 
-def field(default: Any = None, help: str = "", *, short: Optional[str] = None, metavar: Optional[str] = None,
-          aliases: tuple[str, ...] = (), **constraints: Any) -> Any:
+def field(
+    default: Any = None,
+    help: str = "",
+    *,
+    short: Optional[str] = None,
+    metavar: Optional[str] = None,
+    aliases: tuple[str, ...] = (),
+    **constraints: Any,
+) -> Any:
     """A settings field: its default, its help line (shown by --help and in the docs), and for
     the generated flag a short spelling (`-o`) and a metavar where the defaults do not fit."""
     extra: dict[str, Any] = {k: v for k, v in (("short", short), ("metavar", metavar)) if v}
@@ -188,8 +199,9 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def command_line(command: str, settings: BaseModel, *, positional: tuple[str, ...] = (),
-                 skip: tuple[str, ...] = ()) -> str:
+def command_line(
+    command: str, settings: BaseModel, *, positional: tuple[str, ...] = (), skip: tuple[str, ...] = ()
+) -> str:
     """`gqa-convert COMMAND ...` that reproduces `settings`: positionals, then every field that
     differs from its default (the card's "how to reproduce" and the records use it)."""
     import shlex
@@ -223,13 +235,13 @@ class TextFormat(Settings):
 
 
 class HeldOut(Settings):
-    heldout_docs: int = field(HELDOUT_DOCS, "first N documents held out: never trained or calibrated on, "
-                              "scored by verify", ge=0)
+    heldout_docs: int = field(
+        HELDOUT_DOCS, "first N documents held out: never trained or calibrated on, scored by verify", ge=0
+    )
 
 
 class TrainSlice(HeldOut):
-    train_start: Optional[int] = field(None, "first training document (default: right after the held-out ones)",
-                                       ge=0)
+    train_start: Optional[int] = field(None, "first training document (default: right after the held-out ones)", ge=0)
 
     @model_validator(mode="after")
     def _start_after_heldout(self):
@@ -252,15 +264,21 @@ class ConvertSettings(TextFormat, TrainSlice):
     """`gqa-convert convert` and the recipe's `convert:` section."""
 
     method: Literal["auto", "mean", "align", "optimal"] = field(
-        "auto", "KV-head merge; auto = optimal when calibration text is at hand, else mean (docs/merging.md)")
+        "auto", "KV-head merge; auto = optimal when calibration text is at hand, else mean (docs/merging.md)"
+    )
     q_method: Literal["merge", "prune"] = field(
-        "merge", "query-head reduction for --q-heads: merge (refit o_proj by least squares) or prune "
-        "(docs/query-heads.md)")
-    calib_data: Optional[str] = field(None, "calibration text for align/optimal: file, folder or HF dataset name "
-                                      "(in a run: default the uptraining documents after the held-out ones)")
+        "merge",
+        "query-head reduction for --q-heads: merge (refit o_proj by least squares) or prune (docs/query-heads.md)",
+    )
+    calib_data: Optional[str] = field(
+        None,
+        "calibration text for align/optimal: file, folder or HF dataset name "
+        "(in a run: default the uptraining documents after the held-out ones)",
+    )
     calib_tokens: TokenCount = field(DEFAULT_CALIB_TOKENS, "calibration tokens of the calibrated merges")
-    calib_device: str = field("auto", "where calibration runs: auto (cuda when there is one, else cpu), cpu, cuda",
-                              min_length=1)
+    calib_device: str = field(
+        "auto", "where calibration runs: auto (cuda when there is one, else cpu), cpu, cuda", min_length=1
+    )
     max_shard_size: ByteSize = field("5GB", "largest output shard")
     allow_pickle: bool = field(False, "read pickle .bin weights (loaded with weights_only)")
 
@@ -271,8 +289,9 @@ class UptrainSettings(TextFormat, TrainSlice):
     data: Optional[str] = field(None, ".txt/.jsonl/.parquet file, a folder of them, or a HF dataset name")
     tokens: Optional[TokenCount] = field(None, "budget in training tokens, e.g. 50M")
     steps: Optional[int] = field(None, "budget in optimizer steps", gt=0)
-    alpha: Optional[float] = field(None, "budget as a fraction of the source's pretraining tokens, e.g. 0.05",
-                                   gt=0, le=1)
+    alpha: Optional[float] = field(
+        None, "budget as a fraction of the source's pretraining tokens, e.g. 0.05", gt=0, le=1
+    )
     pretraining_tokens: Optional[TokenCount] = field(None, "the source's pretraining tokens for --alpha, e.g. 2T")
     lr: float = field(1e-4, "maximum learning rate", gt=0)
     lr_floor: Fraction = field(0.1, "the decay ends at this fraction of --lr")
@@ -283,22 +302,32 @@ class UptrainSettings(TextFormat, TrainSlice):
     weight_decay: float = field(0.1, "AdamW weight decay", ge=0)
     betas: tuple[float, float] = field((0.9, 0.95), "AdamW betas")
     clip: float = field(1.0, "gradient-norm clipping", gt=0)
-    train: Literal["all", "attention", "kv"] = field("all", "what trains: all, attention, or kv (the regrouped "
-                                                     "k/v projections)")
-    distill_from: Optional[str] = field(None, "unconverted model to distil from (in a run: default the source "
-                                        "when --distill-weight > 0)", metavar="SRC")
+    train: Literal["all", "attention", "kv"] = field(
+        "all", "what trains: all, attention, or kv (the regrouped k/v projections)"
+    )
+    distill_from: Optional[str] = field(
+        None, "unconverted model to distil from (in a run: default the source when --distill-weight > 0)", metavar="SRC"
+    )
     distill_weight: Fraction = field(0.0, "weight of KL(teacher||student) in the loss")
     lora: bool = field(False, "train LoRA adapters (peft), merged back on save")
     lora_rank: int = field(16, "LoRA rank", gt=0)
     attn: Literal["auto", "flash", "sdpa", "packed"] = field(
-        "auto", "attention kernel: auto (flash-attn 2 when it can run, else packed), flash, packed (one causal "
-        "SDPA call per packed document, no [T, T] mask), sdpa (stock, with the [T, T] document mask)")
+        "auto",
+        "attention kernel: auto (flash-attn 2 when it can run, else packed), flash, packed (one causal "
+        "SDPA call per packed document, no [T, T] mask), sdpa (stock, with the [T, T] document mask)",
+    )
     gradient_checkpointing: Optional[bool] = field(None, "recompute activations in backward (default: on with CUDA)")
-    loss_chunk_tokens: Optional[int] = field(None, "tokens per chunk of the output head in the loss (default: "
-                                             "about 32M logits, e.g. 256 tokens at a 128K vocabulary)", gt=0)
+    loss_chunk_tokens: Optional[int] = field(
+        None,
+        "tokens per chunk of the output head in the loss (default: "
+        "about 32M logits, e.g. 256 tokens at a 128K vocabulary)",
+        gt=0,
+    )
     loss_impl: Literal["chunked", "liger", "auto"] = field(
-        "chunked", "loss kernel: chunked (PyTorch, everywhere), liger (liger-kernel's fused linear "
-        "cross-entropy, CUDA, no distillation), auto (liger where it applies)")
+        "chunked",
+        "loss kernel: chunked (PyTorch, everywhere), liger (liger-kernel's fused linear "
+        "cross-entropy, CUDA, no distillation), auto (liger where it applies)",
+    )
     save_every: int = field(50, "steps between checkpoints", gt=0)
     seed: int = field(0, "random seed")
 
@@ -314,8 +343,10 @@ class UptrainSettings(TextFormat, TrainSlice):
     def check_budget(self) -> None:
         """Exactly one of tokens / steps / alpha (checked where a run needs one)."""
         if len(self.budgets()) != 1:
-            raise ConfigError("uptrain needs exactly one budget: tokens (e.g. 50M), steps or alpha "
-                              f"(given: {', '.join(self.budgets()) or 'none'})")
+            raise ConfigError(
+                "uptrain needs exactly one budget: tokens (e.g. 50M), steps or alpha "
+                f"(given: {', '.join(self.budgets()) or 'none'})"
+            )
 
 
 class UptrainConfig(UptrainSettings, CommandConfig):
@@ -340,25 +371,34 @@ class UptrainConfig(UptrainSettings, CommandConfig):
 class VerifySettings(TextFormat):
     """`gqa-convert verify` and the recipe's `verify:` section."""
 
-    data: Optional[str] = field(None, "held-out text: file, folder or HF dataset name "
-                                "(in a run: default uptrain.data and its format)")
-    heldout_docs: int = field(HELDOUT_DOCS, "score the first N documents (the held-out slice)", gt=0,
-                              aliases=("--documents",))
-    tolerance: float = field(DEFAULT_TOLERANCE, "nats/token allowed above the law's prediction", ge=0,
-                             allow_inf_nan=False)
+    data: Optional[str] = field(
+        None, "held-out text: file, folder or HF dataset name (in a run: default uptrain.data and its format)"
+    )
+    heldout_docs: int = field(
+        HELDOUT_DOCS, "score the first N documents (the held-out slice)", gt=0, aliases=("--documents",)
+    )
+    tolerance: float = field(
+        DEFAULT_TOLERANCE, "nats/token allowed above the law's prediction", ge=0, allow_inf_nan=False
+    )
     batch_size: int = field(8, "documents per forward pass (1 at long context: no padding, no [T, T] mask)", gt=0)
-    device: str = field("auto", "torch device: auto (cuda when there is one, else cpu), cpu, cuda, cuda:1, ...",
-                        min_length=1)
+    device: str = field(
+        "auto", "torch device: auto (cuda when there is one, else cpu), cpu, cuda, cuda:1, ...", min_length=1
+    )
     dtype: Literal["auto", "float32", "bfloat16"] = field(
-        "auto", "weights while measuring: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16")
-    loss_chunk_tokens: Optional[int] = field(None, "tokens per chunk of the output head (default: about 32M "
-                                             "logits)", gt=0)
+        "auto", "weights while measuring: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16"
+    )
+    loss_chunk_tokens: Optional[int] = field(
+        None, "tokens per chunk of the output head (default: about 32M logits)", gt=0
+    )
     progress: bool = field(True, "show progress bars")
     dataset_id: Optional[str] = field(None, "hub dataset id of the text, for the card's metadata")
-    retrieval: bool = field(True, "also measure long-context retrieval (the eval: settings) for source and "
-                            "converted")
-    min_retrieval_ratio: Optional[float] = field(None, "fail when converted / source retrieval accuracy is "
-                                                 "below this (e.g. 0.9); default: report only", ge=0, le=1)
+    retrieval: bool = field(True, "also measure long-context retrieval (the eval: settings) for source and converted")
+    min_retrieval_ratio: Optional[float] = field(
+        None,
+        "fail when converted / source retrieval accuracy is below this (e.g. 0.9); default: report only",
+        ge=0,
+        le=1,
+    )
 
 
 def _comma_list(value: Any) -> Any:
@@ -371,17 +411,29 @@ def _comma_list(value: Any) -> Any:
 Lengths = Annotated[list[ContextLength], BeforeValidator(_comma_list)]
 Names = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], BeforeValidator(_comma_list)]
 Depths = Annotated[list[Annotated[float, Field(ge=0, le=1)]], BeforeValidator(_comma_list)]
-RETRIEVAL_TASKS = ("passkey", "ruler", "niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt",
-                   "ruler_cwe", "ruler_fwe")  # "ruler": every offline RULER task (docs/eval.md)
+RETRIEVAL_TASKS = (
+    "passkey",
+    "ruler",
+    "niah_single_1",
+    "niah_multikey_2",
+    "niah_multikey_3",
+    "ruler_vt",
+    "ruler_cwe",
+    "ruler_fwe",
+)  # "ruler": every offline RULER task (docs/eval.md)
 
 
 class EvalSettings(Settings):
     """`gqa-convert eval` and the recipe's `eval:` section: long-context retrieval (docs/eval.md)."""
 
-    tasks: Names = field(["passkey", "ruler"], "comma-separated: passkey (built in), ruler (every offline "
-                         "RULER task; needs the [eval] extra, skipped without it) or RULER task names")
-    lengths: Optional[Lengths] = field(None, "comma-separated prompt lengths, e.g. 4K,8K,16K (default: "
-                                       "T/8, T/4, T/2 and T)")
+    tasks: Names = field(
+        ["passkey", "ruler"],
+        "comma-separated: passkey (built in), ruler (every offline "
+        "RULER task; needs the [eval] extra, skipped without it) or RULER task names",
+    )
+    lengths: Optional[Lengths] = field(
+        None, "comma-separated prompt lengths, e.g. 4K,8K,16K (default: T/8, T/4, T/2 and T)"
+    )
     depths: Depths = field([0.0, 0.25, 0.5, 0.75, 1.0], "passkey depths, fractions of the prompt")
     samples: int = field(5, "passkey samples per length x depth", gt=0, le=1000)
     ruler_limit: int = field(20, "RULER samples per task x length", gt=0, le=1000)
@@ -407,8 +459,9 @@ class CardSettings(Settings):
     """The recipe's `card:` section: what the model card says beyond the measured numbers."""
 
     title: Optional[str] = field(None, "card title (default: the hub repo's or the folder's name)")
-    base_model: Optional[str] = field(None, "hub id of the source for the card's base_model "
-                                      "(default: the recorded source, if it is a hub id)")
+    base_model: Optional[str] = field(
+        None, "hub id of the source for the card's base_model (default: the recorded source, if it is a hub id)"
+    )
     license: Optional[str] = field(None, "licence id (default: the source's)")
 
 
@@ -429,27 +482,34 @@ class PushSettings(Settings):
 class RunSettings(Settings):
     """A whole run: the recipe. Top-level keys are shared by several stages; each stage has its section.
 
-        source: meta-llama/Meta-Llama-3-8B   # hub id, alias, local folder or llama2.c .bin
-        kv_heads: 2                          # or "auto" (the law's recommendation at `context`)
-        context: 128K
-        run_dir: runs/llama3-8b-kv2
-        convert:  {method: optimal}
-        uptrain:  {data: ..., tokens: 1B}    # omit (or enabled: false) to skip
-        verify:   {tolerance: 0.05}
-        push:     {repo: user/name}          # omit to keep the model local
+    source: meta-llama/Meta-Llama-3-8B   # hub id, alias, local folder or llama2.c .bin
+    kv_heads: 2                          # or "auto" (the law's recommendation at `context`)
+    context: 128K
+    run_dir: runs/llama3-8b-kv2
+    convert:  {method: optimal}
+    uptrain:  {data: ..., tokens: 1B}    # omit (or enabled: false) to skip
+    verify:   {tolerance: 0.05}
+    push:     {repo: user/name}          # omit to keep the model local
     """
 
-    source: str = field(..., "hub id, alias (see `gqa-convert models`), local folder or llama2.c .bin",
-                        min_length=1, metavar="MODEL")
-    kv_heads: KvHeads = field(..., "new KV-head count (must divide the old one), or 'auto' for the law's "
-                              "recommendation at --context")
-    q_heads: Optional[int] = field(None, "new query-head count (default: unchanged); a multiple of the KV-head "
-                                   "count that divides the old one (docs/query-heads.md)", gt=0)
+    source: str = field(
+        ..., "hub id, alias (see `gqa-convert models`), local folder or llama2.c .bin", min_length=1, metavar="MODEL"
+    )
+    kv_heads: KvHeads = field(
+        ..., "new KV-head count (must divide the old one), or 'auto' for the law's recommendation at --context"
+    )
+    q_heads: Optional[int] = field(
+        None,
+        "new query-head count (default: unchanged); a multiple of the KV-head "
+        "count that divides the old one (docs/query-heads.md)",
+        gt=0,
+    )
     context: ContextLength = field(..., "target context length, e.g. 8K, 128K, 131072")
     run_dir: str = field(..., "run folder", min_length=1)
     revision: Optional[str] = field(None, "hub branch, tag or commit of the source")
-    max_loss_increase: float = field(DEFAULT_MAX_LOSS_INCREASE, "largest predicted loss increase (nats) a "
-                                     "recommendation may have", gt=0)
+    max_loss_increase: float = field(
+        DEFAULT_MAX_LOSS_INCREASE, "largest predicted loss increase (nats) a recommendation may have", gt=0
+    )
     law: Optional[str] = field(None, "law file from `gqa-convert law fit` (default: the shipped coefficients)")
     convert: ConvertSettings = Field(default_factory=ConvertSettings)
     uptrain: "UptrainSection" = Field(default_factory=lambda: UptrainSection(enabled=False))
@@ -469,7 +529,8 @@ class RunSettings(Settings):
             if same_text and self.verify.heldout_docs > up.heldout_docs:
                 raise ValueError(
                     f"verify.heldout_docs ({self.verify.heldout_docs}) exceeds uptrain.heldout_docs "
-                    f"({up.heldout_docs}): verification would score documents the model was trained on")
+                    f"({up.heldout_docs}): verification would score documents the model was trained on"
+                )
         return self
 
     # What each stage reads, resolved in one place.
@@ -502,6 +563,7 @@ class UptrainSection(UptrainSettings):
 
 RunSettings.model_rebuild()
 
+
 def pick(model: type[Settings], names: tuple[str, ...], *, optional: tuple[str, ...] = ()) -> type[Settings]:
     """A model of some of `model`'s fields, the same definitions (type, default, help, checks):
     how a single command takes top-level recipe keys (`convert` takes kv_heads, context, ...).
@@ -524,6 +586,10 @@ def pick(model: type[Settings], names: tuple[str, ...], *, optional: tuple[str, 
 
 # The stage sections of a recipe, in run order, and the model of each.
 SECTIONS: dict[str, type[Settings]] = {
-    "convert": ConvertSettings, "uptrain": UptrainSection, "verify": VerifySettings, "eval": EvalSettings,
-    "card": CardSettings, "push": PushSettings,
+    "convert": ConvertSettings,
+    "uptrain": UptrainSection,
+    "verify": VerifySettings,
+    "eval": EvalSettings,
+    "card": CardSettings,
+    "push": PushSettings,
 }

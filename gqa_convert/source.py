@@ -139,8 +139,14 @@ def _snapshot(repo: str, revision: Optional[str], token: Optional[str], patterns
             allow_patterns=patterns,
             endpoint=os.environ.get("HF_ENDPOINT") or None,
         )
-    except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, hf_errors.HTTPError, ConnectionError,
-            TimeoutError, OSError) as err:
+    except (
+        hf_errors.HfHubHTTPError,
+        hf_errors.LocalEntryNotFoundError,
+        hf_errors.HTTPError,
+        ConnectionError,
+        TimeoutError,
+        OSError,
+    ) as err:
         raise download_error(err, repo, revision) from None
     path = Path(folder)
     if not (path / "config.json").is_file():

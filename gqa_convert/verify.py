@@ -123,8 +123,11 @@ def _position_rows(source, converted) -> list[PositionRow]:
     for b in source.by_position:
         c = conv.get((b["start"], b["end"]))
         if c is not None:
-            rows.append(PositionRow(start=b["start"], end=b["end"], tokens=b["tokens"], source=b["mean_loss"],
-                                    converted=c["mean_loss"]))
+            rows.append(
+                PositionRow(
+                    start=b["start"], end=b["end"], tokens=b["tokens"], source=b["mean_loss"], converted=c["mean_loss"]
+                )
+            )
     return rows
 
 
@@ -281,8 +284,16 @@ def verify_model(
     for name, folder in (("source", src_dir), ("converted", model_dir)):
         model, tok = load_model(folder, dtype=weights)
         model.to(device)
-        results[name] = document_loss(model, tok, docs, max_tokens=context, batch_size=s.batch_size,
-                                      chunk_tokens=s.loss_chunk_tokens, progress=s.progress, desc=f"loss ({name})")
+        results[name] = document_loss(
+            model,
+            tok,
+            docs,
+            max_tokens=context,
+            batch_size=s.batch_size,
+            chunk_tokens=s.loss_chunk_tokens,
+            progress=s.progress,
+            desc=f"loss ({name})",
+        )
         costs[name] = measure_costs(model, context)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         del model
@@ -301,9 +312,13 @@ def verify_model(
             rows[name] = CostRow(measured=m, predicted=p, rel_error=_rel(m, p))
         return CostPair(**rows)
 
-    cost_table = CostReport(dtype=dtype, limit=COST_LIMIT, kv_cache_bytes=pair("kv_cache_bytes"),
-                            flops_per_token=pair("flops_per_token"),
-                            cache_tokens={name: costs[name]["cache_tokens"] for name in costs})
+    cost_table = CostReport(
+        dtype=dtype,
+        limit=COST_LIMIT,
+        kv_cache_bytes=pair("kv_cache_bytes"),
+        flops_per_token=pair("flops_per_token"),
+        cache_tokens={name: costs[name]["cache_tokens"] for name in costs},
+    )
 
     reasons, checks = [], []
     held = cost_table.cache_tokens["converted"]
@@ -311,15 +326,22 @@ def verify_model(
     for key, label in (("kv_cache_bytes", "KV-cache bytes"), ("flops_per_token", "FLOPs per token")):
         row = getattr(cost_table, key).converted
         ok = abs(row.rel_error) <= COST_LIMIT
-        checks.append(Check(name=key, passed=ok, detail=f"measured {row.measured:,} vs cost model "
-                            f"{row.predicted:,} ({100 * row.rel_error:+.2f}%)"))
+        checks.append(
+            Check(
+                name=key,
+                passed=ok,
+                detail=f"measured {row.measured:,} vs cost model {row.predicted:,} ({100 * row.rel_error:+.2f}%)",
+            )
+        )
         if not ok:
             reasons.append(
                 f"{label} {row.measured:,} differ from the cost model's {row.predicted:,} by "
                 f"{100 * row.rel_error:+.2f}% (limit 2%)" + window
             )
     ok = new_loss <= limit
-    checks.append(Check(name="loss", passed=ok, detail=f"{new_loss:.4f} <= {predicted:.4f} + {s.tolerance} = {limit:.4f}"))
+    checks.append(
+        Check(name="loss", passed=ok, detail=f"{new_loss:.4f} <= {predicted:.4f} + {s.tolerance} = {limit:.4f}")
+    )
     if not ok:
         up = UptrainRecord.read(model_dir) is not None
         hint = "uptrain longer" if up else "the model was not uptrained: run `gqa-convert uptrain`"
@@ -331,15 +353,21 @@ def verify_model(
     if s.retrieval:
         from .evals.report import retrieval_report
 
-        report_r = retrieval_report({"source": src_dir, "converted": model_dir}, eval_settings or EvalSettings(), context,
-                                    plot_dir=model_dir if write else None)
+        report_r = retrieval_report(
+            {"source": src_dir, "converted": model_dir},
+            eval_settings or EvalSettings(),
+            context,
+            plot_dir=model_dir if write else None,
+        )
         gate = s.min_retrieval_ratio
         ok = gate is None or report_r.ratio is None or report_r.ratio >= gate
         detail = "not gated" if gate is None else f"converted / source {report_r.ratio} >= {gate}"
         checks.append(Check(name="retrieval", passed=ok, detail=detail))
         if not ok:
-            reasons.append(f"retrieval accuracy is {report_r.ratio:.3f} of the source's, below "
-                           f"verify.min_retrieval_ratio {gate} (uptrain longer, at the target context)")
+            reasons.append(
+                f"retrieval accuracy is {report_r.ratio:.3f} of the source's, below "
+                f"verify.min_retrieval_ratio {gate} (uptrain longer, at the target context)"
+            )
 
     src_id = source_repo_id(str(source), record.source_repo, record.source, str(src_dir))
     default = s.heldout_docs == HELDOUT_DOCS
@@ -364,8 +392,7 @@ def verify_model(
             "source": Heads(n_heads=old.n_heads, n_kv=old.n_kv, head_dim=old.head_dim),
             "converted": Heads(n_heads=new.n_heads, n_kv=new.n_kv, head_dim=new.head_dim),
         },
-        params=Params(source_non_embedding=old.non_embedding_params,
-                      converted_non_embedding=new.non_embedding_params),
+        params=Params(source_non_embedding=old.non_embedding_params, converted_non_embedding=new.non_embedding_params),
         loss=LossReport(
             source=src_loss,
             converted=new_loss,
@@ -375,8 +402,9 @@ def verify_model(
             predicted=predicted,
             tolerance=s.tolerance,
             limit=limit,
-            law=Path(law_path).name if law_path else
-            "shipped default" + (f": {law.provenance.splitlines()[0]}" if law.provenance else ""),
+            law=Path(law_path).name
+            if law_path
+            else "shipped default" + (f": {law.provenance.splitlines()[0]}" if law.provenance else ""),
             notes=_law_notes(law, old, new, delta, context),
             by_position=_position_rows(results["source"], results["converted"]),
             plot=POSITION_PLOT if write else None,
@@ -430,7 +458,9 @@ def format_table(r: VerificationRecord) -> str:
     if lo.by_position:
         lines.append(f"  {'loss by position':<26} {'source':>14} {'converted':>14} {'tokens':>14}")
         for row in lo.by_position:
-            lines.append(f"  {f'{row.start}-{row.end}':<26} {row.source:>14.4f} {row.converted:>14.4f} {row.tokens:>14,}")
+            lines.append(
+                f"  {f'{row.start}-{row.end}':<26} {row.source:>14.4f} {row.converted:>14.4f} {row.tokens:>14,}"
+            )
     if r.retrieval is not None:
         from .evals.report import format_report
 

@@ -501,10 +501,14 @@ def _converted_and_verified(stories_hf, val_text, law_file, folder: Path, kv_hea
 @pytest.fixture(scope="session")
 def stories_kv2(stories_hf, val_text, law_file, tmp_path_factory) -> Path:
     """stories260K mean-pooled 4 -> 2 KV heads, not uptrained, verified (it FAILS: loss ~4.4)."""
-    return _converted_and_verified(stories_hf, val_text, law_file, tmp_path_factory.mktemp("kv2") / "stories260K-kv2", 2)
+    return _converted_and_verified(
+        stories_hf, val_text, law_file, tmp_path_factory.mktemp("kv2") / "stories260K-kv2", 2
+    )
 
 
 @pytest.fixture(scope="session")
 def stories_kv4_verified(stories_hf, val_text, law_file, tmp_path_factory) -> Path:
     """stories260K converted 4 -> 4 KV heads (identity): verification PASSES (delta 0, same loss)."""
-    return _converted_and_verified(stories_hf, val_text, law_file, tmp_path_factory.mktemp("kv4") / "stories260K-kv4", 4)
+    return _converted_and_verified(
+        stories_hf, val_text, law_file, tmp_path_factory.mktemp("kv4") / "stories260K-kv4", 4
+    )

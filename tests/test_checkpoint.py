@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from tiny_models import IDS_DEFAULT, logits, save_tiny, tiny_model
 
 from gqa_convert.checkpoint import ShardWriter, TensorReader, write_safetensors
-from gqa_convert.units import parse_size
 from gqa_convert.convert import convert_checkpoint
 from gqa_convert.errors import CheckpointError, ConfigError
+from gqa_convert.units import parse_size
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:

@@ -66,8 +66,14 @@ def test_loss_and_gradients_equal_unchunked(chunk, post, distill):
     hidden, weight, bias, labels, t_hidden, t_head = random_case()
     head = Head(weight, bias, **post)
     w = 0.3 if distill else 0.0
-    ce, kl, n = chunked_token_losses(hidden, head, labels, teacher_hidden=t_hidden if distill else None,
-                                     teacher_head=t_head if distill else None, chunk_tokens=chunk)
+    ce, kl, n = chunked_token_losses(
+        hidden,
+        head,
+        labels,
+        teacher_hidden=t_hidden if distill else None,
+        teacher_head=t_head if distill else None,
+        chunk_tokens=chunk,
+    )
     got = grads((1 - w) * ce + w * kl, (hidden, weight, bias))
     # oracle: whole logits, then the family post-processing, written out independently of Head
     z = hidden @ weight.T + bias
@@ -286,8 +292,9 @@ def test_no_tensor_of_t_by_v_in_forward_or_backward():
     T, V, H, chunk = 2048, 4096, 16, 128
     hidden, weight, _, labels, t_hidden, t_head = random_case(B=1, T=T, H=H, V=V)
     with TensorMemory() as mem:
-        ce, kl, n = chunked_token_losses(hidden, Head(weight), labels, teacher_hidden=t_hidden, teacher_head=t_head,
-                                         chunk_tokens=chunk)
+        ce, kl, n = chunked_token_losses(
+            hidden, Head(weight), labels, teacher_hidden=t_hidden, teacher_head=t_head, chunk_tokens=chunk
+        )
         (0.5 * ce + 0.5 * kl).backward()
     assert mem.largest_numel <= chunk * V, mem.largest_op
     # alive at once: a few chunk x V buffers (logits, softmax, their gradients) and [T, H]-sized ones
@@ -304,8 +311,14 @@ def test_planning_estimate_matches_the_traced_peak(distill):
     T, V, H, chunk = 1024, 16384, 8, 128
     hidden, weight, _, labels, t_hidden, t_head = random_case(B=1, T=T, H=H, V=V)
     with TensorMemory() as mem:
-        ce, kl, _ = chunked_token_losses(hidden, Head(weight), labels, teacher_hidden=t_hidden if distill else None,
-                                         teacher_head=t_head if distill else None, chunk_tokens=chunk)
+        ce, kl, _ = chunked_token_losses(
+            hidden,
+            Head(weight),
+            labels,
+            teacher_hidden=t_hidden if distill else None,
+            teacher_head=t_head if distill else None,
+            chunk_tokens=chunk,
+        )
         (ce + kl).backward()
     loss_only = mem.peak_bytes - V * H * 4 - 3 * T * H * 4  # less the weight gradient and [T, H]-sized tensors
     assert abs(loss_only / loss_peak_bytes(V, chunk_tokens=chunk, teacher=distill) - 1) < 0.05
@@ -315,8 +328,9 @@ def test_planning_estimate_matches_the_traced_peak(distill):
 def test_model_step_never_creates_t_by_v_logits():
     """A whole training step through a model (forward + backward, with a teacher)."""
     T, V, chunk = 512, 8192, 32
-    small = dict(vocab_size=V, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                 max_position_embeddings=T)
+    small = dict(
+        vocab_size=V, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=T
+    )
     model = registry.tiny_model("llama", **small).train()
     teacher = registry.tiny_model("llama", seed=1, **small)
     batch, _ = packed_batch(V, lengths=(100, 300, 200), context=T)
@@ -345,8 +359,10 @@ def test_every_supported_family_has_a_known_head():
 # ----------------------------------------------------------------------------- evaluation
 
 
-STORY = ("Once upon a time there was a cat. The dog ran to the park and played with a red ball all day long. "
-         "Tom said hi. A bird sang in the tall green tree while the sun went down over the hill. ")
+STORY = (
+    "Once upon a time there was a cat. The dog ran to the park and played with a red ball all day long. "
+    "Tom said hi. A bird sang in the tall green tree while the sun went down over the hill. "
+)
 
 
 @pytest.fixture(scope="module")
@@ -377,7 +393,7 @@ def test_document_loss_and_loss_by_position_match_full_logits_per_document(tiny_
     from gqa_convert.evaluate import document_loss, encode_documents
 
     model, tok = tiny_lm
-    docs = [STORY[: n] for n in (20, 300, 90, 150, 45, 400, 260)]  # 7 lengths, many cut at max_tokens
+    docs = [STORY[:n] for n in (20, 300, 90, 150, 45, 400, 260)]  # 7 lengths, many cut at max_tokens
     max_tokens = 64
     got = document_loss(model, tok, docs, max_tokens=max_tokens, batch_size=3, chunk_tokens=5)
     nll, pos = [], []

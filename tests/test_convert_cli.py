@@ -95,7 +95,9 @@ def test_convert_cli_json_and_overwrite(src, tmp_path, capsys, model):
 
 def test_sharded_output_loads(src, tmp_path, capsys, model):
     out = tmp_path / "sharded"
-    code, _, _ = run_cli(capsys, "convert", src, "--kv-heads", 4, "-o", out, "--max-shard-size", "30KB", "--no-progress")
+    code, _, _ = run_cli(
+        capsys, "convert", src, "--kv-heads", 4, "-o", out, "--max-shard-size", "30KB", "--no-progress"
+    )
     assert code == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -174,7 +176,9 @@ def test_pickle_weights_need_opt_in(tmp_path, capsys, model):
     before = hashes(src)
     code, _, err = run_cli(capsys, "convert", src, "--kv-heads", 2, "--output", tmp_path / "o")
     assert "--allow-pickle" in assert_clean_failure(code, err, tmp_path, tmp_path / "o")
-    code, _, _ = run_cli(capsys, "convert", src, "--kv-heads", 4, "--output", tmp_path / "o", "--allow-pickle", "--no-progress")
+    code, _, _ = run_cli(
+        capsys, "convert", src, "--kv-heads", 4, "--output", tmp_path / "o", "--allow-pickle", "--no-progress"
+    )
     assert code == 0 and (tmp_path / "o" / "model.safetensors").exists()
     assert torch.equal(logits(tmp_path / "o", IDS_DEFAULT), logits(model, IDS_DEFAULT))
     assert hashes(src) == before
@@ -229,5 +233,7 @@ def test_console_entry_point(src, tmp_path):
     """The installed `gqa-convert` script, as a user runs it."""
     exe = Path(sys.executable).parent / "gqa-convert"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "gqa_convert"]
-    r = subprocess.run([*cmd, "convert", str(src), "--kv-heads", "3", "-o", str(tmp_path / "o")], capture_output=True, text=True)
+    r = subprocess.run(
+        [*cmd, "convert", str(src), "--kv-heads", "3", "-o", str(tmp_path / "o")], capture_output=True, text=True
+    )
     assert r.returncode == 2 and r.stderr.strip().startswith("gqa-convert: error:") and r.stderr.count("\n") == 1

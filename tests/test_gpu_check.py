@@ -18,8 +18,9 @@ PHASES = ("environment", "build", "convert", "uptrain", "memory_plan", "verify",
 def _run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     environ = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     environ.pop("OUT", None)
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=environ, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow

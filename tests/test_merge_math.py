@@ -22,8 +22,18 @@ from gqa_convert.merge import MergeMethod, build_method, k_side_blocker, rotary_
 from gqa_convert.merge.align import align_factors
 from gqa_convert.merge.calibrate import calibrate
 from gqa_convert.merge.heads import (
-    Planes, augmented, expanded_block, from_complex, k_approx, mean_factors, merged_block, rel_error, sigma_for,
-    to_complex, transformed_block, v_approx,
+    Planes,
+    augmented,
+    expanded_block,
+    from_complex,
+    k_approx,
+    mean_factors,
+    merged_block,
+    rel_error,
+    sigma_for,
+    to_complex,
+    transformed_block,
+    v_approx,
 )  # fmt: skip
 from gqa_convert.merge.optimal import optimal_factors
 from gqa_convert.merge.tiny import FAMILIES, model_from_config, tiny_model
@@ -79,7 +89,9 @@ def _with_blocks(model, cfg: dict, fam, blocks: dict, shape):
 
 def _sigma(hidden: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(400, hidden, generator=g, dtype=torch.float64) @ torch.randn(hidden, hidden, generator=g, dtype=torch.float64)
+    x = torch.randn(400, hidden, generator=g, dtype=torch.float64) @ torch.randn(
+        hidden, hidden, generator=g, dtype=torch.float64
+    )
     x = torch.cat([x + 0.3, torch.ones(400, 1, dtype=torch.float64)], dim=1)
     return x.T @ x
 
@@ -111,7 +123,9 @@ def test_change_of_basis_preserves_logits(family):
     blocks = {}
     for i in _layers(fam, cfg):
         block = fam.split(i, sd, shape)
-        maps = torch.randn(shape.n_kv, shape.head_dim, shape.head_dim, generator=g, dtype=torch.float64) + 2 * torch.eye(shape.head_dim)
+        maps = torch.randn(
+            shape.n_kv, shape.head_dim, shape.head_dim, generator=g, dtype=torch.float64
+        ) + 2 * torch.eye(shape.head_dim)
         scalars = torch.complex(torch.randn(shape.n_kv, len(planes.a), generator=g, dtype=torch.float64) + 1.5,
                                 torch.randn(shape.n_kv, len(planes.a), generator=g, dtype=torch.float64))  # fmt: skip
         if k_side_blocker(block):
@@ -146,18 +160,28 @@ def test_alignment_alone_preserves_logits_and_align_is_mean_of_aligned(family):
         groups = _group_factors(align_factors, block, shape, 2, _sigma(shape.hidden, i), planes)
         do_k = k_side_blocker(block) is None
         maps = torch.cat([f.v_maps for f in groups])
-        scalars = torch.cat([f.k_scalars for f in groups]) if do_k else torch.ones(shape.n_kv, len(planes.a), dtype=torch.complex128)
+        scalars = (
+            torch.cat([f.k_scalars for f in groups])
+            if do_k
+            else torch.ones(shape.n_kv, len(planes.a), dtype=torch.complex128)
+        )
         aligned[i] = transformed_block(block, shape, maps, scalars, planes)
         merged[i] = merged_block(block, shape, 2, groups, planes, do_k=do_k)
         pooled = mean_pool(i, aligned[i], shape, 2)  # align-then-mean, literally
         for role in ("q_w", "k_w", "v_w", "o_w", "q_b", "k_b", "v_b"):
             a, b = getattr(pooled, role), getattr(merged[i], role)
-            assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6)), role  # mean_pool averages in float32
+            assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6)), (
+                role
+            )  # mean_pool averages in float32
     ref = _logits(model)
-    assert (_logits(_with_blocks(model, cfg, fam, aligned, shape)) - ref).abs().max() < _tol(family) * max(1.0, ref.abs().max())
+    assert (_logits(_with_blocks(model, cfg, fam, aligned, shape)) - ref).abs().max() < _tol(family) * max(
+        1.0, ref.abs().max()
+    )
 
 
-ABSORB_CASES = [("optimal", f) for f in FAMILY_NAMES] + [("align", f) for f in ("llama", "qwen2", "qwen3", "phi3", "falcon")]
+ABSORB_CASES = [("optimal", f) for f in FAMILY_NAMES] + [
+    ("align", f) for f in ("llama", "qwen2", "qwen3", "phi3", "falcon")
+]
 
 
 @pytest.mark.parametrize("method,family", ABSORB_CASES)
@@ -205,7 +229,11 @@ def _related_heads(family: str, orthogonal: bool, seed: int = 3):
             if k_side_blocker(block):
                 c = torch.ones_like(c)
             k[h] = from_complex(c[:, None] * to_complex(k[h - 1 : h], planes)[0], planes, k[h - 1])
-        nb = replace(block, k_w=k[..., : shape.hidden].reshape(block.k_w.shape), v_w=v[..., : shape.hidden].reshape(block.v_w.shape))
+        nb = replace(
+            block,
+            k_w=k[..., : shape.hidden].reshape(block.k_w.shape),
+            v_w=v[..., : shape.hidden].reshape(block.v_w.shape),
+        )
         if block.k_b is not None:
             nb.k_b, nb.v_b = k[..., -1].reshape(-1), v[..., -1].reshape(-1)
         sd.update(fam.join(i, nb, shape))
@@ -243,7 +271,9 @@ def test_align_recovers_heads_related_by_rotations(family):
         groups = _group_factors(align_factors, block, shape, 2, _sigma(shape.hidden, i), planes)
         blocks[i] = merged_block(block, shape, 2, groups, planes)
     ref = _logits(model)
-    assert (_logits(_with_blocks(model, cfg, fam, blocks, new_shape(shape, 2))) - ref).abs().max() < 1e-7 * max(1.0, ref.abs().max())
+    assert (_logits(_with_blocks(model, cfg, fam, blocks, new_shape(shape, 2))) - ref).abs().max() < 1e-7 * max(
+        1.0, ref.abs().max()
+    )
 
 
 def test_optimal_error_never_above_align_or_mean():
@@ -255,10 +285,17 @@ def test_optimal_error_never_above_align_or_mean():
     v = augmented(block.v_w, block.v_b).reshape(shape.n_kv, shape.head_dim, -1)
     for new_kv in (2, 1):
         errs = {}
-        for name, fn in (("optimal", optimal_factors), ("align", align_factors), ("mean", lambda k, v, sk, sv, p: mean_factors(k, v, p))):
+        for name, fn in (
+            ("optimal", optimal_factors),
+            ("align", align_factors),
+            ("mean", lambda k, v, sk, sv, p: mean_factors(k, v, p)),
+        ):
             groups = _group_factors(fn, block, shape, new_kv, sigma, planes)
             g = shape.n_kv // new_kv
-            ek = sum(rel_error(k[j * g : (j + 1) * g], k_approx(f, k[j * g : (j + 1) * g], planes), sigma)[0] for j, f in enumerate(groups))
+            ek = sum(
+                rel_error(k[j * g : (j + 1) * g], k_approx(f, k[j * g : (j + 1) * g], planes), sigma)[0]
+                for j, f in enumerate(groups)
+            )
             ev = sum(rel_error(v[j * g : (j + 1) * g], v_approx(f), sigma)[0] for j, f in enumerate(groups))
             errs[name] = (ek, ev)
         assert errs["optimal"][0] <= errs["align"][0] * (1 + 1e-9) <= errs["mean"][0] * (1 + 1e-9)

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURES, ROOT, need
 from hubserver import hub  # noqa: F401
 
-from conftest import FIXTURES, ROOT, need
 from gqa_convert.commands import main
 
 RECIPE = ROOT / "recipes" / "demo-stories260k.yaml"
@@ -41,8 +41,9 @@ def test_demo_recipe_end_to_end(hub, tmp_path, capsys, monkeypatch):  # noqa: F8
 
     # 1. Killed (SIGKILL) in the middle of uptraining.
     env = {**os.environ, "GQA_CONVERT_KILL_AFTER_STEP": "50", "GQA_CONVERT_CACHE": str(tmp_path / "cache")}
-    killed = subprocess.run([sys.executable, "-m", "gqa_convert", *args], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
+    killed = subprocess.run(
+        [sys.executable, "-m", "gqa_convert", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     assert killed.returncode != 0, killed.stdout + killed.stderr
     stages = _stages(run_dir)
     assert stages["convert"]["status"] == "done" and stages["uptrain"]["status"] == "running"
@@ -64,8 +65,11 @@ def test_demo_recipe_end_to_end(hub, tmp_path, capsys, monkeypatch):  # noqa: F8
     files = hub.files("alice/stories260K-gqa2")
     assert "README.md" in files and any(f.endswith(".safetensors") for f in files)
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
-    commits = len(hub.state.repos["alice/stories260K-gqa2"].commits) if hasattr(
-        hub.state.repos["alice/stories260K-gqa2"], "commits") else None
+    commits = (
+        len(hub.state.repos["alice/stories260K-gqa2"].commits)
+        if hasattr(hub.state.repos["alice/stories260K-gqa2"], "commits")
+        else None
+    )
 
     # 3. Re-running does no work.
     assert main(args) == 0

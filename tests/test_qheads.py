@@ -30,7 +30,12 @@ from gqa_convert.convert import convert_checkpoint
 from gqa_convert.errors import CheckpointError, ConfigError, InvalidHeadCountError, UnsupportedModelError
 from gqa_convert.merge.calibrate import layer_covariances
 from gqa_convert.merge.qheads import (
-    greedy_choice, head_contributions, kv_groups, output_error, prune_choice, refit_output,
+    greedy_choice,
+    head_contributions,
+    kv_groups,
+    output_error,
+    prune_choice,
+    refit_output,
 )  # fmt: skip
 from gqa_convert.regroup import HeadShape
 
@@ -102,7 +107,9 @@ def cache_bytes(model, ids) -> int:
 
 
 def _convert(src, out, kv, q, method="merge", kv_method="mean"):
-    return convert_checkpoint(src, out, kv, q_heads=q, q_method=method, method=kv_method, calib_data=CALIB, progress=False)
+    return convert_checkpoint(
+        src, out, kv, q_heads=q, q_method=method, method=kv_method, calib_data=CALIB, progress=False
+    )
 
 
 def _record(folder) -> dict:
@@ -221,7 +228,14 @@ def test_refused_families_say_why_in_one_line(family, why, tmp_path):
 @pytest.mark.parametrize(
     "kv, q, method, calib, error, match",
     [
-        (4, 3, "merge", CALIB, InvalidHeadCountError, r"must divide 8 and be a multiple of 4; valid_q_counts are \[4, 8\]"),
+        (
+            4,
+            3,
+            "merge",
+            CALIB,
+            InvalidHeadCountError,
+            r"must divide 8 and be a multiple of 4; valid_q_counts are \[4, 8\]",
+        ),
         (4, 2, "merge", CALIB, InvalidHeadCountError, r"multiple of 4"),
         (2, 16, "prune", CALIB, InvalidHeadCountError, r"valid_q_counts are \[2, 4, 8\]"),
         (4, 4, "best", CALIB, ConfigError, r"unknown query-head method 'best'; choose one of prune, merge"),
@@ -267,7 +281,9 @@ def test_o_proj_sigma_layer_by_layer_matches_hooks_on_the_full_model(family, tmp
 def _samples(seed: int, H: int = 6, d: int = 4, D: int = 10, T: int = 300):
     """Correlated per-head activations z [T, H·d] and an output weight B [D, H·d]."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(T, H * d, generator=g, dtype=torch.float64) @ torch.randn(H * d, H * d, generator=g, dtype=torch.float64)
+    z = torch.randn(T, H * d, generator=g, dtype=torch.float64) @ torch.randn(
+        H * d, H * d, generator=g, dtype=torch.float64
+    )
     b = torch.randn(D, H * d, generator=g, dtype=torch.float64)
     return z, b, HeadShape(n_heads=H, n_kv=3, head_dim=d, hidden=D)
 

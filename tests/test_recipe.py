@@ -12,8 +12,14 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 
 def test_recipes_are_shipped():
     names = {p.stem for p in RECIPES}
-    assert {"llama-3-8b-kv2-128k", "llama-2-7b-mha-kv8", "mistral-7b-kv2-32k",
-            "qwen2.5-7b-kv2-32k", "smollm2-135m-laptop", "demo-stories260k"} <= names
+    assert {
+        "llama-3-8b-kv2-128k",
+        "llama-2-7b-mha-kv8",
+        "mistral-7b-kv2-32k",
+        "qwen2.5-7b-kv2-32k",
+        "smollm2-135m-laptop",
+        "demo-stories260k",
+    } <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -61,8 +67,10 @@ def test_budget_rules(tmp_path):
 
 
 def test_overrides(tmp_path):
-    r = load_recipe(_write(tmp_path, BASE), ["uptrain.enabled=true", "uptrain.data=d.txt",
-                                             "uptrain.steps=7", "push.repo=me/model", "kv_heads=auto"])
+    r = load_recipe(
+        _write(tmp_path, BASE),
+        ["uptrain.enabled=true", "uptrain.data=d.txt", "uptrain.steps=7", "push.repo=me/model", "kv_heads=auto"],
+    )
     assert r.uptrain.steps == 7 and r.push.repo == "me/model" and r.kv_heads == "auto"
     with pytest.raises(ConfigError, match="key=value"):
         load_recipe(_write(tmp_path, BASE), ["uptrain.steps"])
@@ -72,6 +80,9 @@ def test_overrides(tmp_path):
 
 def test_verification_never_scores_training_documents(tmp_path):
     with pytest.raises(ConfigError, match="trained on"):
-        load_recipe(_write(tmp_path, BASE + "uptrain: {enabled: true, data: d, steps: 3, heldout_docs: 50}\n"
-                                           "verify: {heldout_docs: 200}\n"))
-
+        load_recipe(
+            _write(
+                tmp_path,
+                BASE + "uptrain: {enabled: true, data: d, steps: 3, heldout_docs: 50}\nverify: {heldout_docs: 200}\n",
+            )
+        )

@@ -10,29 +10,46 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import FIXTURES, ROOT, need
+
 from gqa_convert.commands import build_parser, main
 from gqa_convert.commands.flags import settings_from_args
 from gqa_convert.errors import ConfigError
 from gqa_convert.recipe import load_recipe
-from gqa_convert.settings import (ConvertSettings, PushSettings, RunSettings, UptrainConfig, UptrainSection,
-                                  VerifySettings)
+from gqa_convert.settings import (
+    ConvertSettings,
+    PushSettings,
+    RunSettings,
+    UptrainConfig,
+    UptrainSection,
+    VerifySettings,
+)
 
 # What a command takes that is not a recipe key, and why. Everything else must match exactly.
 NOT_RECIPE_KEYS = {
-    "convert": {"source": "positional; top-level `source`", "output": "RUN_DIR/converted",
-                "overwrite": "the pipeline always replaces its own converted/", "progress": "display",
-                "json": "display"},
-    "uptrain": {"model": "the convert stage's output", "output": "RUN_DIR/uptrain",
-                "resume": "the pipeline resumes by itself", "progress": "display"},
-    "verify": {"model": "RUN_DIR/model", "source": "top-level `source`", "card": "the card stage",
-               "json": "display"},
+    "convert": {
+        "source": "positional; top-level `source`",
+        "output": "RUN_DIR/converted",
+        "overwrite": "the pipeline always replaces its own converted/",
+        "progress": "display",
+        "json": "display",
+    },
+    "uptrain": {
+        "model": "the convert stage's output",
+        "output": "RUN_DIR/uptrain",
+        "resume": "the pipeline resumes by itself",
+        "progress": "display",
+    },
+    "verify": {"model": "RUN_DIR/model", "source": "top-level `source`", "card": "the card stage", "json": "display"},
     "push": {"dir": "RUN_DIR/model", "dry_run": "a one-off look", "token": "never written to a recipe"},
 }
 # Top-level recipe keys a stage command takes as flags of the same name.
-TOP_LEVEL = {"convert": {"kv_heads", "q_heads", "context", "revision"}, "uptrain": {"context"}, "verify": {"context", "law"},
-             "push": set()}
+TOP_LEVEL = {
+    "convert": {"kv_heads", "q_heads", "context", "revision"},
+    "uptrain": {"context"},
+    "verify": {"context", "law"},
+    "push": set(),
+}
 SECTION = {"convert": ConvertSettings, "uptrain": UptrainSection, "verify": VerifySettings, "push": PushSettings}
 RECIPE_ONLY = {"uptrain": {"enabled"}}  # a section switch: the pipeline's --data turns uptraining on
 
@@ -59,18 +76,38 @@ def test_every_flag_is_a_recipe_key_and_back(command):
             assert action.option_strings[0] == "--" + action.dest.replace("_", "-")
 
 
-@pytest.mark.parametrize("command, model, argv", [
-    ("uptrain", UptrainConfig, ["m", "--data", "d", "--context", "8K", "--output", "o", "--steps", "3"]),
-    ("verify", VerifySettings, ["m", "--data", "d", "--context", "8K"]),
-    ("push", PushSettings, ["m", "--repo", "a/b"]),
-    ("convert", ConvertSettings, ["s", "--kv-heads", "2", "-o", "o"]),
-])
+@pytest.mark.parametrize(
+    "command, model, argv",
+    [
+        ("uptrain", UptrainConfig, ["m", "--data", "d", "--context", "8K", "--output", "o", "--steps", "3"]),
+        ("verify", VerifySettings, ["m", "--data", "d", "--context", "8K"]),
+        ("push", PushSettings, ["m", "--repo", "a/b"]),
+        ("convert", ConvertSettings, ["s", "--kv-heads", "2", "-o", "o"]),
+    ],
+)
 def test_flag_defaults_are_the_recipe_defaults(command, model, argv):
     args = _sub(command).parse_args(argv)
     parsed = settings_from_args(model, args, positional=("model",))
     typed = set(vars(args))  # only what was typed reaches the namespace (argparse.SUPPRESS)
-    assert typed <= {"model", "source", "data", "context", "output", "steps", "repo", "dir", "kv_heads",
-                     "func", "command", "card", "json", "overwrite", "progress", "dry_run", "token"}
+    assert typed <= {
+        "model",
+        "source",
+        "data",
+        "context",
+        "output",
+        "steps",
+        "repo",
+        "dir",
+        "kv_heads",
+        "func",
+        "command",
+        "card",
+        "json",
+        "overwrite",
+        "progress",
+        "dry_run",
+        "token",
+    }
     for name, info in model.model_fields.items():
         if name not in typed:
             assert getattr(parsed, name) == info.get_default(call_default_factory=True), name
@@ -92,8 +129,20 @@ def test_sizes_are_one_type_everywhere():
 def test_uptrain_cli_takes_128k(capsys, tmp_path):
     # The README's quickstart line used to stop at argparse ('invalid int value: 128K'); now it
     # reaches uptraining's own checks (here: the model folder does not exist).
-    rc = main(["uptrain", str(tmp_path / "none"), "--data", str(tmp_path / "d.txt"), "--context", "128K",
-               "--tokens", "2B", "--output", str(tmp_path / "o")])
+    rc = main(
+        [
+            "uptrain",
+            str(tmp_path / "none"),
+            "--data",
+            str(tmp_path / "d.txt"),
+            "--context",
+            "128K",
+            "--tokens",
+            "2B",
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc != 0 and "invalid int value" not in err and err.startswith("gqa-convert: error:")
     assert not (tmp_path / "o").exists()
@@ -108,16 +157,19 @@ def test_convert_kv_heads_auto_with_context_8k(stories_hf, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == recommend_kv_heads(stories_hf, 8192)
 
 
-@pytest.mark.parametrize("override, words", [
-    ("uptrain.tokens=-5", "uptrain.tokens must be a positive"),
-    ("uptrain.tokens=lots", "uptrain.tokens must be a positive"),
-    ("uptrain.lr=0", "uptrain.lr"),
-    ("convert.max_shard_size=huge", "convert.max_shard_size must be a size"),
-    ("verify.tolerance=-1", "verify.tolerance"),
-    ("uptrain.warmup=0.9", "must not exceed 1"),
-    ("kv_heads=0", "kv_heads must be a whole number"),
-    ("push.repo=not a repo", "push.repo must be a hub repo id"),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("uptrain.tokens=-5", "uptrain.tokens must be a positive"),
+        ("uptrain.tokens=lots", "uptrain.tokens must be a positive"),
+        ("uptrain.lr=0", "uptrain.lr"),
+        ("convert.max_shard_size=huge", "convert.max_shard_size must be a size"),
+        ("verify.tolerance=-1", "verify.tolerance"),
+        ("uptrain.warmup=0.9", "must not exceed 1"),
+        ("kv_heads=0", "kv_heads must be a whole number"),
+        ("push.repo=not a repo", "push.repo must be a hub repo id"),
+    ],
+)
 def test_invalid_recipe_values_refused_before_any_work(tmp_path, capsys, override, words):
     run_dir = tmp_path / "run"
     rc = main(["run", str(ROOT / "recipes" / "demo-stories260k.yaml"), f"run_dir={run_dir}", override])
@@ -127,20 +179,39 @@ def test_invalid_recipe_values_refused_before_any_work(tmp_path, capsys, overrid
 
 
 def test_text_format_reaches_calibration_uptraining_and_verification():
-    r = load_recipe(data={
-        "source": "x", "kv_heads": 2, "context": 256, "run_dir": "r",
-        "uptrain": {"data": "org/corpus", "text_field": "body", "data_split": "validation", "data_config": "en",
-                    "heldout_docs": 50, "train_start": 80, "steps": 3},
-        "verify": {"heldout_docs": 40},
-    })
+    r = load_recipe(
+        data={
+            "source": "x",
+            "kv_heads": 2,
+            "context": 256,
+            "run_dir": "r",
+            "uptrain": {
+                "data": "org/corpus",
+                "text_field": "body",
+                "data_split": "validation",
+                "data_config": "en",
+                "heldout_docs": 50,
+                "train_start": 80,
+                "steps": 3,
+            },
+            "verify": {"heldout_docs": 40},
+        }
+    )
     spec = r.calibration_spec()
     assert (spec.source, spec.text_field, spec.split, spec.config_name) == ("org/corpus", "body", "validation", "en")
     assert spec.first_train_doc == 80  # never the held-out documents verify scores
     data, fmt = r.verify_source()
     assert data == "org/corpus" and (fmt.text_field, fmt.data_split, fmt.data_config) == ("body", "validation", "en")
     # An explicit calibration source keeps its own format and held-out slice.
-    r2 = load_recipe(data={"source": "x", "kv_heads": 2, "context": 256, "run_dir": "r",
-                           "convert": {"calib_data": "c.jsonl", "text_field": "t", "heldout_docs": 7}})
+    r2 = load_recipe(
+        data={
+            "source": "x",
+            "kv_heads": 2,
+            "context": 256,
+            "run_dir": "r",
+            "convert": {"calib_data": "c.jsonl", "text_field": "t", "heldout_docs": 7},
+        }
+    )
     spec2 = r2.calibration_spec()
     assert (spec2.source, spec2.text_field, spec2.first_train_doc) == ("c.jsonl", "t", 7)
     assert r2.verify_source() is None
@@ -154,10 +225,22 @@ def test_pipeline_reads_a_custom_text_field(tmp_path, capsys, monkeypatch):
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"body": d}) + "\n" for d in text[:400] if d.strip()))
     run_dir = tmp_path / "run"
-    rc = main(["run", str(ROOT / "recipes" / "demo-stories260k.yaml"), f"run_dir={run_dir}",
-               f"source={need(FIXTURES / 'stories260K' / 'stories260K.bin')}", f"uptrain.data={data}",
-               "uptrain.text_field=body", "uptrain.steps=2", "uptrain.heldout_docs=20", "verify.heldout_docs=20",
-               "verify.data=null", "convert.method=optimal", "convert.calib_tokens=2048"])
+    rc = main(
+        [
+            "run",
+            str(ROOT / "recipes" / "demo-stories260k.yaml"),
+            f"run_dir={run_dir}",
+            f"source={need(FIXTURES / 'stories260K' / 'stories260K.bin')}",
+            f"uptrain.data={data}",
+            "uptrain.text_field=body",
+            "uptrain.steps=2",
+            "uptrain.heldout_docs=20",
+            "verify.heldout_docs=20",
+            "verify.data=null",
+            "convert.method=optimal",
+            "convert.calib_tokens=2048",
+        ]
+    )
     out, err = capsys.readouterr()
     assert "no 'text' field" not in err and "'text'" not in err
     state = json.loads((run_dir / "state.json").read_text())["stages"]
@@ -166,12 +249,14 @@ def test_pipeline_reads_a_custom_text_field(tmp_path, capsys, monkeypatch):
 
 
 def test_help_loads_no_torch():
-    code = ("import sys\nfrom gqa_convert.commands import main\n"
-            "for argv in (['--help'], ['convert', '--help'], ['uptrain', '--help'], ['verify', '--help'],"
-            " ['push', '--help'], ['plan', '--help'], ['run', '--help'], ['law', '--help'], ['card', '--help']):\n"
-            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'numpy', 'accelerate') if m in sys.modules]\n"
-            "print('HEAVY', heavy, file=sys.stderr)\n")
+    code = (
+        "import sys\nfrom gqa_convert.commands import main\n"
+        "for argv in (['--help'], ['convert', '--help'], ['uptrain', '--help'], ['verify', '--help'],"
+        " ['push', '--help'], ['plan', '--help'], ['run', '--help'], ['law', '--help'], ['card', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'numpy', 'accelerate') if m in sys.modules]\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert "HEAVY []" in res.stderr, res.stderr[-2000:]
 
@@ -180,9 +265,27 @@ def test_convert_q_heads_flag(stories_hf, val_text, tmp_path, capsys, monkeypatc
     """--q-heads reaches convert_checkpoint: 8 -> 4 query heads, head_dim explicit, KV heads kept."""
     monkeypatch.setenv("GQA_CONVERT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "q4"
-    rc = main(["convert", str(stories_hf), "--kv-heads", "4", "--q-heads", "4", "--q-method", "prune",
-               "--method", "mean", "--calib-data", str(val_text), "--calib-tokens", "4096", "-o", str(out),
-               "--no-progress"])
+    rc = main(
+        [
+            "convert",
+            str(stories_hf),
+            "--kv-heads",
+            "4",
+            "--q-heads",
+            "4",
+            "--q-method",
+            "prune",
+            "--method",
+            "mean",
+            "--calib-data",
+            str(val_text),
+            "--calib-tokens",
+            "4096",
+            "-o",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert "query heads 8 -> 4" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())

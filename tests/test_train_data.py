@@ -7,10 +7,18 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SAMPLE_TEXT, need
 
 from gqa_convert.errors import DataError
-from gqa_convert.train.data import DataSpec, RowStream, collate, pack_rows, packed_forward, split_text, tokenize_documents
-from conftest import SAMPLE_TEXT, need
+from gqa_convert.train.data import (
+    DataSpec,
+    RowStream,
+    collate,
+    pack_rows,
+    packed_forward,
+    split_text,
+    tokenize_documents,
+)
 
 DOCS = [
     "Once upon a time there was a cat.",
@@ -33,7 +41,9 @@ def test_split_text_blank_lines_and_endoftext():
     assert split_text("a b\nc\n\n\nd\n\n") == ["a b\nc", "d"]
     assert split_text("one\n\ntwo<|endoftext|>three") == ["one\n\ntwo", "three"]
     sample = need(SAMPLE_TEXT).read_text()
-    assert len(split_text(sample)) == sample.count("<|endoftext|>") + (0 if sample.rstrip().endswith("<|endoftext|>") else 1)
+    assert len(split_text(sample)) == sample.count("<|endoftext|>") + (
+        0 if sample.rstrip().endswith("<|endoftext|>") else 1
+    )
 
 
 def test_pack_rows_exact_length_positions_restart():
@@ -51,7 +61,9 @@ def test_formats_jsonl_parquet_folder(tmp_path):
 
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.txt").write_text("x one\n\nx two\n")
-    (tmp_path / "d" / "b.jsonl").write_text(json.dumps({"body": "j one"}) + "\n\n" + json.dumps({"body": "j two"}) + "\n")
+    (tmp_path / "d" / "b.jsonl").write_text(
+        json.dumps({"body": "j one"}) + "\n\n" + json.dumps({"body": "j two"}) + "\n"
+    )
     pq.write_table(pa.table({"body": ["p one", "p two"]}), tmp_path / "d" / "c.parquet")
     assert list(DataSpec(str(tmp_path / "d" / "a.txt")).documents()) == ["x one", "x two"]
     docs = list(DataSpec(str(tmp_path / "d"), text_field="body", heldout=1).training_documents())

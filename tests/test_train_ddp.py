@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, VAL_TEXT, need
 
 STEPS = 4
@@ -33,15 +32,50 @@ def test_two_processes_equal_one_process(tmp_path):
         pytest.skip("torchrun not installed beside this Python")
     need(VAL_TEXT)
     model = make_tiny_llama(tmp_path / "tiny", split_text(VAL_TEXT.read_text())[1000:1100], layers=2)
-    common = ["--data", str(VAL_TEXT), "--context", "64", "--steps", str(STEPS), "--lr", "3e-3", "--grad-accum", "2",
-              "--heldout-docs", "20", "--train-start", "1000", "--no-progress"]
+    common = [
+        "--data",
+        str(VAL_TEXT),
+        "--context",
+        "64",
+        "--steps",
+        str(STEPS),
+        "--lr",
+        "3e-3",
+        "--grad-accum",
+        "2",
+        "--heldout-docs",
+        "20",
+        "--train-start",
+        "1000",
+        "--no-progress",
+    ]
 
     # 2 processes x batch 2 x accumulation 2 = 8 rows per step ...
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
-                        "-m", "gqa_convert", "uptrain", str(model), *common, "--batch-size", "2", "--output", str(two)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            "-m",
+            "gqa_convert",
+            "uptrain",
+            str(model),
+            *common,
+            "--batch-size",
+            "2",
+            "--output",
+            str(two),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout + r.stderr
 
@@ -50,8 +84,21 @@ def test_two_processes_equal_one_process(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        uptrain(UptrainConfig(model=str(model), data=str(VAL_TEXT), context=64, steps=STEPS, lr=3e-3, grad_accum=2,
-                              batch_size=4, heldout_docs=20, train_start=1000, output=str(one), progress=False))
+        uptrain(
+            UptrainConfig(
+                model=str(model),
+                data=str(VAL_TEXT),
+                context=64,
+                steps=STEPS,
+                lr=3e-3,
+                grad_accum=2,
+                batch_size=4,
+                heldout_docs=20,
+                train_start=1000,
+                output=str(one),
+                progress=False,
+            )
+        )
     finally:
         torch.set_num_threads(threads)
 

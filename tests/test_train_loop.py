@@ -13,8 +13,17 @@ from gqa_convert.errors import ConfigError, DataError, OutputError
 from gqa_convert.train.schedule import wsd_factor
 from gqa_convert.train.uptrain import UptrainConfig, resolve_steps, uptrain
 
-DOCS = [f"Story {i}: once upon a time a {w} went to the {p} and found a {o}." for i, (w, p, o) in enumerate(
-    [(w, p, o) for w in ("cat", "dog", "girl", "boy") for p in ("park", "sea", "shop") for o in ("ball", "hat", "box")])]
+DOCS = [
+    f"Story {i}: once upon a time a {w} went to the {p} and found a {o}."
+    for i, (w, p, o) in enumerate(
+        [
+            (w, p, o)
+            for w in ("cat", "dog", "girl", "boy")
+            for p in ("park", "sea", "shop")
+            for o in ("ball", "hat", "box")
+        ]
+    )
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +41,18 @@ def data(tmp_path_factory) -> Path:
 
 
 def cfg(tiny, data, out, **kw) -> UptrainConfig:
-    base = dict(model=str(tiny), data=str(data), context=32, output=str(out), steps=4, batch_size=2, lr=3e-3,
-                heldout_docs=4, progress=False, save_every=1000)
+    base = dict(
+        model=str(tiny),
+        data=str(data),
+        context=32,
+        output=str(out),
+        steps=4,
+        batch_size=2,
+        lr=3e-3,
+        heldout_docs=4,
+        progress=False,
+        save_every=1000,
+    )
     base.update(kw)
     return UptrainConfig(**base)
 
@@ -47,16 +66,19 @@ def test_wsd_schedule_matches_the_paper():
     assert all(a >= b for a, b in zip(f[80:], f[81:]))
 
 
-@pytest.mark.parametrize("kw, err, words", [
-    (dict(context=256), ConfigError, ["max_position_embeddings 128", "rope"]),
-    (dict(steps=None, alpha=0.05), ConfigError, ["--pretraining-tokens"]),
-    (dict(steps=None, tokens="50"), ConfigError, ["smaller than one step", "64"]),
-    (dict(steps=None, tokens="1K", alpha=0.1), ConfigError, ["exactly one budget"]),
-    (dict(attn="flash"), ConfigError, ["flash"]),
-    (dict(train="mlp"), ConfigError, ["--train"]),
-    (dict(distill_weight=0.5), ConfigError, ["--distill-from"]),
-    (dict(heldout_docs=10_000), DataError, ["no training documents"]),
-])
+@pytest.mark.parametrize(
+    "kw, err, words",
+    [
+        (dict(context=256), ConfigError, ["max_position_embeddings 128", "rope"]),
+        (dict(steps=None, alpha=0.05), ConfigError, ["--pretraining-tokens"]),
+        (dict(steps=None, tokens="50"), ConfigError, ["smaller than one step", "64"]),
+        (dict(steps=None, tokens="1K", alpha=0.1), ConfigError, ["exactly one budget"]),
+        (dict(attn="flash"), ConfigError, ["flash"]),
+        (dict(train="mlp"), ConfigError, ["--train"]),
+        (dict(distill_weight=0.5), ConfigError, ["--distill-from"]),
+        (dict(heldout_docs=10_000), DataError, ["no training documents"]),
+    ],
+)
 def test_bad_input_fails_before_any_work(tiny, data, tmp_path, kw, err, words):
     if kw.get("attn") == "flash" and torch.cuda.is_available():
         pytest.skip("flash may run here")
@@ -88,7 +110,9 @@ def test_budgets(tmp_path):
     c = UptrainConfig(model="meta-llama/Llama-2-7b-hf", data="d", context=4096, output="o", alpha=0.05, batch_size=8)
     assert resolve_steps(c, world=1) == int(0.05 * 2e12) // (4096 * 8)  # aliases.yaml: 2T pretraining tokens
     # a converted folder names its source in gqa_convert.json (written by convert)
-    (tmp_path / "gqa_convert.json").write_text(json.dumps({"source": "llama-2-7b", "source_repo": "meta-llama/Llama-2-7b-hf"}))
+    (tmp_path / "gqa_convert.json").write_text(
+        json.dumps({"source": "llama-2-7b", "source_repo": "meta-llama/Llama-2-7b-hf"})
+    )
     c = UptrainConfig(model=str(tmp_path), data="d", context=4096, output="o", alpha=0.05, batch_size=8)
     assert resolve_steps(c, world=1) == int(0.05 * 2e12) // (4096 * 8)
 
@@ -160,7 +184,10 @@ def test_gradient_checkpointing_gives_the_same_steps(tiny, data, tmp_path):
     plain = uptrain(cfg(tiny, data, tmp_path / "plain", train="attention", steps=3))
     ckpt = uptrain(cfg(tiny, data, tmp_path / "ckpt", train="attention", steps=3, gradient_checkpointing=True))
     assert ckpt.losses == pytest.approx(plain.losses, abs=1e-5)
-    a, b = load_file(str(tmp_path / "plain" / "model.safetensors")), load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "plain" / "model.safetensors")),
+        load_file(str(tmp_path / "ckpt" / "model.safetensors")),
+    )
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
@@ -168,11 +195,44 @@ def test_gradient_checkpointing_gives_the_same_steps(tiny, data, tmp_path):
 def test_cli_reports_one_line_errors(tiny, data, tmp_path, capsys):
     from gqa_convert.commands import main
 
-    rc = main(["uptrain", str(tiny), "--data", str(data), "--context", "4096", "--steps", "2",
-               "--output", str(tmp_path / "o"), "--heldout-docs", "0"])
+    rc = main(
+        [
+            "uptrain",
+            str(tiny),
+            "--data",
+            str(data),
+            "--context",
+            "4096",
+            "--steps",
+            "2",
+            "--output",
+            str(tmp_path / "o"),
+            "--heldout-docs",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("gqa-convert: error: --context 4096 is longer")
-    rc = main(["uptrain", str(tiny), "--data", str(data), "--context", "32", "--steps", "2", "--batch-size", "2",
-               "--output", str(tmp_path / "ok"), "--heldout-docs", "0", "--no-progress", "--train", "kv"])
+    rc = main(
+        [
+            "uptrain",
+            str(tiny),
+            "--data",
+            str(data),
+            "--context",
+            "32",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--output",
+            str(tmp_path / "ok"),
+            "--heldout-docs",
+            "0",
+            "--no-progress",
+            "--train",
+            "kv",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0 and "attention = sdpa" in out.out and "uptrained 2 steps" in out.out

@@ -11,16 +11,39 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, VAL_TEXT, need
 
 STEPS, KILL_AT, SAVE_EVERY = 9, 5, 3
 
 
 def _cli(model: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "gqa_convert", "uptrain", str(model), "--data", str(VAL_TEXT), "--context", "64",
-           "--steps", str(STEPS), "--batch-size", "2", "--lr", "3e-3", "--heldout-docs", "20", "--train-start", "1000",
-           "--save-every", str(SAVE_EVERY), "--output", str(out), "--no-progress", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gqa_convert",
+        "uptrain",
+        str(model),
+        "--data",
+        str(VAL_TEXT),
+        "--context",
+        "64",
+        "--steps",
+        str(STEPS),
+        "--batch-size",
+        "2",
+        "--lr",
+        "3e-3",
+        "--heldout-docs",
+        "20",
+        "--train-start",
+        "1000",
+        "--save-every",
+        str(SAVE_EVERY),
+        "--output",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
     e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=240)
 
@@ -29,16 +52,14 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-
-
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from gqa_convert.errors import OutputError
     from gqa_convert.train.data import split_text
-    from gqa_convert.train.uptrain import UptrainConfig, uptrain
     from gqa_convert.train.tiny import make_tiny_llama
+    from gqa_convert.train.uptrain import UptrainConfig, uptrain
 
     need(VAL_TEXT)
     model = make_tiny_llama(tmp_path / "tiny", split_text(VAL_TEXT.read_text())[1000:1100], layers=2)
@@ -47,8 +68,21 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        uptrain(UptrainConfig(model=str(model), data=str(VAL_TEXT), context=64, steps=STEPS, batch_size=2, lr=3e-3,
-                              heldout_docs=20, train_start=1000, save_every=SAVE_EVERY, output=str(full), progress=False))
+        uptrain(
+            UptrainConfig(
+                model=str(model),
+                data=str(VAL_TEXT),
+                context=64,
+                steps=STEPS,
+                batch_size=2,
+                lr=3e-3,
+                heldout_docs=20,
+                train_start=1000,
+                save_every=SAVE_EVERY,
+                output=str(full),
+                progress=False,
+            )
+        )
     finally:
         torch.set_num_threads(threads)
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 STEPS = 120
-SETTINGS = dict(context=256, steps=STEPS, batch_size=8, lr=5e-3, train="attention", distill_weight=1.0,
-                warmup=0.05, decay=0.5)
+SETTINGS = dict(
+    context=256, steps=STEPS, batch_size=8, lr=5e-3, train="attention", distill_weight=1.0, warmup=0.05, decay=0.5
+)
 
 
 @pytest.mark.slow
@@ -39,9 +40,18 @@ def test_uptrain_recovers_85_percent_of_the_gap(stories_hf, val_text, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # this model's matrices are tiny: a second thread costs more than it gives
     try:
-        result = uptrain(UptrainConfig(model=str(converted), data=str(val_text), output=str(out),
-                                       distill_from=str(stories_hf), heldout_docs=HELDOUT.stop,
-                                       train_start=TRAINING.start, progress=False, **SETTINGS))
+        result = uptrain(
+            UptrainConfig(
+                model=str(converted),
+                data=str(val_text),
+                output=str(out),
+                distill_from=str(stories_hf),
+                heldout_docs=HELDOUT.stop,
+                train_start=TRAINING.start,
+                progress=False,
+                **SETTINGS,
+            )
+        )
     finally:
         torch.set_num_threads(threads)
     assert result.steps == STEPS <= 200
@@ -50,6 +60,8 @@ def test_uptrain_recovers_85_percent_of_the_gap(stories_hf, val_text, tmp_path):
 
     up_loss = loss(out)
     recovered = (converted_loss - up_loss) / (converted_loss - source_loss)
-    print(f"source {source_loss:.4f}  converted {converted_loss:.4f}  uptrained {up_loss:.4f}  recovered {recovered:.1%}")
+    print(
+        f"source {source_loss:.4f}  converted {converted_loss:.4f}  uptrained {up_loss:.4f}  recovered {recovered:.1%}"
+    )
     assert recovered >= 0.85, (source_loss, converted_loss, up_loss)
     assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 2

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import SAMPLE_TEXT, need
+
 from gqa_convert.commands import main
 
 T = 16384
@@ -32,16 +32,39 @@ def long_pair(tmp_path_factory):
 
 def test_verify_at_16k_writes_loss_by_position(long_pair, capsys):
     src, kv2, data = long_pair
-    rc = main(["verify", str(kv2), "--source", str(src), "--data", str(data), "--context", "16K", "--documents",
-               "2", "--batch-size", "1", "--tolerance", "100", "--no-retrieval", "--no-card"])
+    rc = main(
+        [
+            "verify",
+            str(kv2),
+            "--source",
+            str(src),
+            "--data",
+            str(data),
+            "--context",
+            "16K",
+            "--documents",
+            "2",
+            "--batch-size",
+            "1",
+            "--tolerance",
+            "100",
+            "--no-retrieval",
+            "--no-card",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err[-2000:]
     assert "loss (converted)" in err  # the progress bar's label (stderr)
     ver = json.loads((kv2 / "verification.json").read_text())
     rows = ver["loss"]["by_position"]
     assert ver["context"] == T and ver["data"]["tokens"] == 2 * (T - 1)
-    assert [(r["start"], r["end"]) for r in rows] == [(0, 1024), (1024, 2048), (2048, 4096), (4096, 8192),
-                                                      (8192, 16384)]
+    assert [(r["start"], r["end"]) for r in rows] == [
+        (0, 1024),
+        (1024, 2048),
+        (2048, 4096),
+        (4096, 8192),
+        (8192, 16384),
+    ]
     assert sum(r["tokens"] for r in rows) == 2 * (T - 1)
     # The buckets' token-weighted mean is the overall loss: one computation, two views.
     for who in ("source", "converted"):

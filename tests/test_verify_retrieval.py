@@ -16,8 +16,24 @@ from gqa_convert.settings import EvalSettings
 def test_verify_records_retrieval_for_both(stories_hf, stories_kv2, val_text, law_file, tmp_path, capsys):
     folder = tmp_path / "kv2"
     shutil.copytree(stories_kv2, folder)
-    rc = main(["verify", str(folder), "--source", str(stories_hf), "--data", str(val_text), "--context", "256",
-               "--law", str(law_file), "--documents", "4", "--tolerance", "10"])
+    rc = main(
+        [
+            "verify",
+            str(folder),
+            "--source",
+            str(stories_hf),
+            "--data",
+            str(val_text),
+            "--context",
+            "256",
+            "--law",
+            str(law_file),
+            "--documents",
+            "4",
+            "--tolerance",
+            "10",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "retrieval at" in out and "passkey" in out
     ver = json.loads((folder / "verification.json").read_text())
@@ -32,26 +48,37 @@ def test_verify_records_retrieval_for_both(stories_hf, stories_kv2, val_text, la
 
 
 def _report(source: float, converted: float) -> RetrievalReport:
-    return RetrievalReport(context=256, lengths=[256], depths=[0.5], samples=1, seed=0, tasks=[
-        RetrievalTask(task="passkey", scores={"source": {256: source}, "converted": {256: converted}})],
-        ratio=converted / source if source else None)
+    return RetrievalReport(
+        context=256,
+        lengths=[256],
+        depths=[0.5],
+        samples=1,
+        seed=0,
+        tasks=[RetrievalTask(task="passkey", scores={"source": {256: source}, "converted": {256: converted}})],
+        ratio=converted / source if source else None,
+    )
 
 
-@pytest.mark.parametrize("source, converted, gate, passed", [
-    (0.8, 0.4, 0.9, False),  # retained half: below the gate, verification fails
-    (0.8, 0.8, 0.9, True),
-    (0.8, 0.4, None, True),  # no gate: reported only
-    (0.0, 0.0, 0.9, True),  # the source retrieves nothing: not measurable, not a failure
-])
-def test_min_retrieval_ratio_gates(stories_hf, stories_kv2, val_text, law_file, tmp_path, monkeypatch,
-                                   source, converted, gate, passed):
+@pytest.mark.parametrize(
+    "source, converted, gate, passed",
+    [
+        (0.8, 0.4, 0.9, False),  # retained half: below the gate, verification fails
+        (0.8, 0.8, 0.9, True),
+        (0.8, 0.4, None, True),  # no gate: reported only
+        (0.0, 0.0, 0.9, True),  # the source retrieves nothing: not measurable, not a failure
+    ],
+)
+def test_min_retrieval_ratio_gates(
+    stories_hf, stories_kv2, val_text, law_file, tmp_path, monkeypatch, source, converted, gate, passed
+):
     import gqa_convert.evals.report as report_module
     from gqa_convert.verify import verify_model
 
     monkeypatch.setattr(report_module, "retrieval_report", lambda *a, **k: _report(source, converted))
     extra = {} if gate is None else {"min_retrieval_ratio": gate}
-    rep = verify_model(stories_kv2, str(stories_hf), val_text, 256, law_path=law_file, documents=4, tolerance=10,
-                       write=False, **extra)
+    rep = verify_model(
+        stories_kv2, str(stories_hf), val_text, 256, law_path=law_file, documents=4, tolerance=10, write=False, **extra
+    )
     assert rep.passed is passed
     assert any(c.name == "retrieval" for c in rep.checks)
     if not passed:
@@ -73,8 +100,24 @@ def test_eval_command_refuses_bad_input_before_work(stories_hf, tmp_path, capsys
 def test_eval_command_writes_the_record(stories_hf, tmp_path, capsys):
     folder = tmp_path / "m"
     shutil.copytree(stories_hf, folder)
-    rc = main(["eval", str(folder), "--source", str(stories_hf), "--context", "256", "--tasks", "passkey",
-               "--lengths", "128,256", "--samples", "2", "--depths", "0,1"])
+    rc = main(
+        [
+            "eval",
+            str(folder),
+            "--source",
+            str(stories_hf),
+            "--context",
+            "256",
+            "--tasks",
+            "passkey",
+            "--lengths",
+            "128,256",
+            "--samples",
+            "2",
+            "--depths",
+            "0,1",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     rec = json.loads((folder / "retrieval.json").read_text())
     scores = rec["report"]["tasks"][0]["scores"]

@@ -29,8 +29,13 @@ FAMILIES = {name: EXTRA.get(name, {}) for name in _registry.FAMILIES}
 
 
 def tiny_config(family: str, n_kv: int = 4, n_heads: int = 8, **extra):
-    return _registry.tiny_config(family, vocab_size=100, num_attention_heads=n_heads, num_key_value_heads=n_kv,
-                                 **{**EXTRA.get(family, {}), **extra})
+    return _registry.tiny_config(
+        family,
+        vocab_size=100,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        **{**EXTRA.get(family, {}), **extra},
+    )
 
 
 def tiny_model(family: str, n_kv: int = 4, seed: int = 0, **extra):

@@ -103,8 +103,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if debug:
             raise
         log = _save_traceback()
-        print(f"gqa-convert: internal error: {type(err).__name__}: {_short(str(err))}; this is a bug — the "
-              f"traceback is in {log} (or re-run with --debug); please report it", file=sys.stderr)
+        print(
+            f"gqa-convert: internal error: {type(err).__name__}: {_short(str(err))}; this is a bug — the "
+            f"traceback is in {log} (or re-run with --debug); please report it",
+            file=sys.stderr,
+        )
         return 3
 
 

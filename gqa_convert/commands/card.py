@@ -7,9 +7,12 @@ from .flags import add_flags, settings_from_args
 
 
 def register(sub) -> None:
-    p = sub.add_parser("card", help="write MODEL_DIR/README.md, the model card, from the folder's records",
-                       description="Render the model card from gqa_convert.json, uptrain.json and verification.json: "
-                       "every number in it is measured. verify writes it too; use this to change the metadata.")
+    p = sub.add_parser(
+        "card",
+        help="write MODEL_DIR/README.md, the model card, from the folder's records",
+        description="Render the model card from gqa_convert.json, uptrain.json and verification.json: "
+        "every number in it is measured. verify writes it too; use this to change the metadata.",
+    )
     p.add_argument("model", metavar="MODEL_DIR", help="converted model folder")
     add_flags(p, CardSettings)
     p.add_argument("--repo", metavar="USER/NAME", help="the hub repo the card's usage snippet names")

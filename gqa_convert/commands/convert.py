@@ -59,11 +59,21 @@ def run(args) -> int:
     if settings.calib_data:  # calibrate after the held-out slice, which verify scores
         calib = TrainingDocuments(data_spec(settings.calib_data, settings, settings.heldout_docs, settings.train_start))
     result = convert_checkpoint(
-        shared.source, args.output, kv_heads_for(shared.source, shared.kv_heads, shared.context, shared.revision),
-        method=settings.method, max_shard_size=settings.max_shard_size, overwrite=args.overwrite,
-        allow_pickle=settings.allow_pickle, progress=args.progress and not args.json, revision=shared.revision,
-        token=os.environ.get("HF_TOKEN") or None, calib_data=calib, calib_tokens=settings.calib_tokens,
-        q_heads=shared.q_heads, q_method=settings.q_method, calib_device=settings.calib_device,
+        shared.source,
+        args.output,
+        kv_heads_for(shared.source, shared.kv_heads, shared.context, shared.revision),
+        method=settings.method,
+        max_shard_size=settings.max_shard_size,
+        overwrite=args.overwrite,
+        allow_pickle=settings.allow_pickle,
+        progress=args.progress and not args.json,
+        revision=shared.revision,
+        token=os.environ.get("HF_TOKEN") or None,
+        calib_data=calib,
+        calib_tokens=settings.calib_tokens,
+        q_heads=shared.q_heads,
+        q_method=settings.q_method,
+        calib_device=settings.calib_device,
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))

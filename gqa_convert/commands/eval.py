@@ -24,8 +24,12 @@ def register(sub) -> None:
     p.add_argument("--source", default=None, help="the source checkpoint to compare with (folder, alias or hub id)")
     add_flags(p, RunSettings, only=("context",))
     add_flags(p, EvalSettings)
-    p.add_argument("--write", action=argparse.BooleanOptionalAction, default=True,
-                   help="write retrieval.json and retrieval.png into MODEL")
+    p.add_argument(
+        "--write",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write retrieval.json and retrieval.png into MODEL",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -47,7 +51,8 @@ def run(args) -> int:
     folders["converted"] = model
     report = retrieval_report(folders, s, top.context, plot_dir=model if args.write else None)
     if args.write:
-        RetrievalRecord(model=model.name, source=Path(args.source).name if args.source else None,
-                        report=report).write(model)
+        RetrievalRecord(model=model.name, source=Path(args.source).name if args.source else None, report=report).write(
+            model
+        )
     print(report.model_dump_json(indent=2) if args.json else format_report(report))
     return 0

@@ -114,12 +114,19 @@ def given(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
             continue
         if not prefix and SEP in key:
             continue
-        out[key[len(prefix):]] = list(value) if isinstance(value, list) else value
+        out[key[len(prefix) :]] = list(value) if isinstance(value, list) else value
     return out
 
 
-def settings_from_args(model: type[BaseModel], args: argparse.Namespace, *, fields: Iterable[str] = (),
-                       prefix: str = "", extra: Optional[dict] = None, positional: Iterable[str] = ()):
+def settings_from_args(
+    model: type[BaseModel],
+    args: argparse.Namespace,
+    *,
+    fields: Iterable[str] = (),
+    prefix: str = "",
+    extra: Optional[dict] = None,
+    positional: Iterable[str] = (),
+):
     """Validate the given flags (restricted to `fields` when given) as `model`; errors name the flag."""
     allowed = set(fields) or set(model.model_fields)
     values = {k: v for k, v in given(args, prefix).items() if k in allowed}

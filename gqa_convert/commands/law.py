@@ -50,16 +50,26 @@ def _optimize(args) -> int:
     b, s = opt.best, opt.shape
     print(f"Target loss {target:g} at expected context {context:,} tokens")
     print(f"Cost-optimal heads: n_h={int(b.n_heads)}, n_kv={b.n_kv}")
-    print(f"  N* = {b.n_params:,.0f} non-embedding parameters; shape L={b.n_layers:.1f}, d={b.hidden:.0f} (real-valued)")
-    print(f"  buildable: L={s.n_layers}, d={s.hidden}, d_ff={s.d_ff}, d_h={s.head_dim} -> N={s.non_embedding_params:,}, "
-          f"predicted loss {opt.shape_loss:.4f}")
-    print(f"  M_infer = {b.memory_values:,.0f} values (KV cache {b.kv_cache_values:,.0f}); "
-          f"C_infer = {b.flops_per_token:,.0f} FLOPs/token; Z = {b.z:.6g}")
+    print(
+        f"  N* = {b.n_params:,.0f} non-embedding parameters; shape L={b.n_layers:.1f}, d={b.hidden:.0f} (real-valued)"
+    )
+    print(
+        f"  buildable: L={s.n_layers}, d={s.hidden}, d_ff={s.d_ff}, d_h={s.head_dim} -> N={s.non_embedding_params:,}, "
+        f"predicted loss {opt.shape_loss:.4f}"
+    )
+    print(
+        f"  M_infer = {b.memory_values:,.0f} values (KV cache {b.kv_cache_values:,.0f}); "
+        f"C_infer = {b.flops_per_token:,.0f} FLOPs/token; Z = {b.z:.6g}"
+    )
     if opt.llama3:
         l3 = opt.llama3
-        print(f"Llama-3 heads at the same loss: n_h=d/d_h={l3.n_heads:.1f}, n_kv=8, N* = {l3.n_params:,.0f}, "
-              f"L={l3.n_layers:.1f}, d={l3.hidden:.0f}")
-        print(f"  M_infer = {l3.memory_values:,.0f} values; C_infer = {l3.flops_per_token:,.0f} FLOPs/token; Z = {l3.z:.6g}")
+        print(
+            f"Llama-3 heads at the same loss: n_h=d/d_h={l3.n_heads:.1f}, n_kv=8, N* = {l3.n_params:,.0f}, "
+            f"L={l3.n_layers:.1f}, d={l3.hidden:.0f}"
+        )
+        print(
+            f"  M_infer = {l3.memory_values:,.0f} values; C_infer = {l3.flops_per_token:,.0f} FLOPs/token; Z = {l3.z:.6g}"
+        )
         print(f"Saved against Llama-3 heads: memory {opt.memory_saved_pct:.1f}%, FLOPs {opt.flops_saved_pct:.1f}%")
     print("Candidates by Z (lowest first):")
     for c in sorted(opt.candidates, key=lambda c: c.z)[: args.top]:
@@ -74,12 +84,19 @@ def _table(args) -> int:
 
     law = _law(args, "design")
     losses = [_loss_value(v, "--losses") for v in _split(args.losses)] if args.losses else TABLE4_LOSSES
-    contexts = [parse_count(v, what="--contexts", binary_k=True) for v in _split(args.contexts)] if args.contexts else TABLE4_CONTEXTS
+    contexts = (
+        [parse_count(v, what="--contexts", binary_k=True) for v in _split(args.contexts)]
+        if args.contexts
+        else TABLE4_CONTEXTS
+    )
     grid = table(law, losses, contexts)
     paper = losses == TABLE4_LOSSES and contexts == TABLE4_CONTEXTS
     if args.json:
-        out = {"losses": losses, "contexts": contexts,
-               "grid": [[{"n_heads": h, "n_kv": k} for h, k in row] for row in grid]}
+        out = {
+            "losses": losses,
+            "contexts": contexts,
+            "grid": [[{"n_heads": h, "n_kv": k} for h, k in row] for row in grid],
+        }
         if paper:
             out["paper_table4_cells_matched"] = table4_match(grid)
         print(json.dumps(out, indent=2))
@@ -105,8 +122,10 @@ def _fit(args) -> int:
 
     result = fit_law(read_runs(args.runs))
     law = result.law
-    print(f"fitted {len(law.heads)} head configurations on {result.n_runs} runs: R² = {result.r2:.5f}, "
-          f"residual std {result.residual_std:.4g}")
+    print(
+        f"fitted {len(law.heads)} head configurations on {result.n_runs} runs: R² = {result.r2:.5f}, "
+        f"residual std {result.residual_std:.4g}"
+    )
     print(f"E = {law.E:.4f} ± {law.stderr['E']:.4f}")
     for (h, k), (a, b) in sorted(law.heads.items()):
         se = law.stderr[f"{h},{k}"]
@@ -130,8 +149,11 @@ def _eval(args) -> int:
         out.update(target_loss=_loss_value(args.loss), n_star=law.n_star(_loss_value(args.loss), h, k))
     a, b = law.coefficients(h, k)
     out.update(a_H=a, b_H=b, E=law.E)
-    print(json.dumps(out, indent=2) if args.json else "  ".join(f"{key}={val:.6g}" if isinstance(val, float) else f"{key}={val}"
-                                                               for key, val in out.items()))
+    print(
+        json.dumps(out, indent=2)
+        if args.json
+        else "  ".join(f"{key}={val:.6g}" if isinstance(val, float) else f"{key}={val}" for key, val in out.items())
+    )
     return 0
 
 
@@ -141,8 +163,11 @@ def register(sub) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
     def law_arg(q):
-        q.add_argument("--law", help="law file from `gqa-convert law fit`, or shipped:table4 | shipped:default "
-                       "(default: table4 for optimize/table, the monotone default for eval; docs/law.md)")
+        q.add_argument(
+            "--law",
+            help="law file from `gqa-convert law fit`, or shipped:table4 | shipped:default "
+            "(default: table4 for optimize/table, the monotone default for eval; docs/law.md)",
+        )
 
     q = lsub.add_parser("optimize", help="cost-optimal (N, n_h, n_kv, layers, width) for a target loss and context")
     q.add_argument("--loss", required=True, help="target loss L* (nats)")

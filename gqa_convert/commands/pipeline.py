@@ -26,13 +26,21 @@ def register(sub) -> None:
     add_flags(p, ConvertSettings, only=("method",), prefix="convert" + SEP)
     p.add_argument("--push-to", metavar="USER/NAME", help="publish to this hub repo when verification passes")
     p.add_argument("--private", action="store_true", help="create the pushed repo private")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="any recipe setting, e.g. uptrain.warmup=0.05 verify.tolerance=0.1")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any recipe setting, e.g. uptrain.warmup=0.05 verify.tolerance=0.1",
+    )
     p.set_defaults(func=run_flags)
 
-    r = sub.add_parser("run", help="run a recipe YAML: gqa-convert run RECIPE.yaml [key=value ...]",
-                       description="Run (or resume) the recipe's stages in its run_dir; key=value overrides "
-                       "any recipe key (values are YAML scalars).")
+    r = sub.add_parser(
+        "run",
+        help="run a recipe YAML: gqa-convert run RECIPE.yaml [key=value ...]",
+        description="Run (or resume) the recipe's stages in its run_dir; key=value overrides "
+        "any recipe key (values are YAML scalars).",
+    )
     r.add_argument("recipe", help="recipe file (see recipes/)")
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override any recipe key, e.g. uptrain.steps=100")
     r.set_defaults(func=run_recipe)
@@ -56,8 +64,11 @@ def recipe_from_flags(args) -> RunSettings:
         kv = data.get("kv_heads", "auto")
         data["run_dir"] = f"runs/{Path(str(data.get('source', 'model')).rstrip('/')).name}-kv{kv}"
     # Errors name what the user typed: a top-level flag as --flag, a --set key by its dotted path.
-    return validate_settings(RunSettings, apply_overrides(data, args.set),
-                             name=lambda loc: flag_name(loc[0]) if len(loc) == 1 else ".".join(loc))
+    return validate_settings(
+        RunSettings,
+        apply_overrides(data, args.set),
+        name=lambda loc: flag_name(loc[0]) if len(loc) == 1 else ".".join(loc),
+    )
 
 
 def _print_summary(results: dict, run_dir: Path) -> None:

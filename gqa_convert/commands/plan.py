@@ -12,10 +12,13 @@ TOP = pick(RunSettings, SHARED)
 
 
 def register(sub) -> None:
-    p = sub.add_parser("plan", help="list KV-head options for a model at a context length and recommend one",
-                       description="For each feasible KV-head count: the law's predicted loss change, KV-cache "
-                       "bytes and FLOPs per token at the context, and the recommended count (least cost within "
-                       "--max-loss-increase). Reads the config only, never weights.")
+    p = sub.add_parser(
+        "plan",
+        help="list KV-head options for a model at a context length and recommend one",
+        description="For each feasible KV-head count: the law's predicted loss change, KV-cache "
+        "bytes and FLOPs per token at the context, and the recommended count (least cost within "
+        "--max-loss-increase). Reads the config only, never weights.",
+    )
     add_flags(p, RunSettings, only=SHARED, positional=("source",))
     p.add_argument("--dtype", default="bf16", help="KV-cache dtype for byte counts (default: bf16)")
     p.add_argument("--json", action="store_true", help="print JSON: one entry per option and a `recommended` entry")
@@ -31,8 +34,14 @@ def run(args) -> int:
 
     s = settings_from_args(TOP, args, positional=("source",))
     shape = load_shape(resolve_source(s.source, revision=s.revision, config_only=True))
-    plan = plan_conversion(shape, s.context, max_loss_increase=s.max_loss_increase, dtype=args.dtype,
-                           law=load_law(s.law) if s.law else None, source=s.source)
+    plan = plan_conversion(
+        shape,
+        s.context,
+        max_loss_increase=s.max_loss_increase,
+        dtype=args.dtype,
+        law=load_law(s.law) if s.law else None,
+        source=s.source,
+    )
     if args.plot:
         write_plot(plan, args.plot)
     if args.json:

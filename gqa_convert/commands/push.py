@@ -37,8 +37,16 @@ def run(args) -> int:
     from ..hub import push
 
     s = settings_from_args(PushSettings, args)
-    result = push(Path(args.dir), s.repo, private=s.private, revision=s.revision, dry_run=args.dry_run,
-                  force=s.force, token=args.token, commit_message=s.message)
+    result = push(
+        Path(args.dir),
+        s.repo,
+        private=s.private,
+        revision=s.revision,
+        dry_run=args.dry_run,
+        force=s.force,
+        token=args.token,
+        commit_message=s.message,
+    )
     plan = result.plan
     width = max(len(rel) for rel, _ in plan.files)
     head = "would upload" if args.dry_run else "uploaded"

@@ -25,6 +25,8 @@ def run(args) -> int:
 
     result = uptrain(settings_from_args(UptrainConfig, args, positional=("model",)))
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"uptrained {result.steps} steps, {result.tokens:,} tokens, final train loss {result.final_loss:.4f}, "
-              f"{result.tokens_per_s:,.0f} tokens/s -> {result.output}")
+        print(
+            f"uptrained {result.steps} steps, {result.tokens:,} tokens, final train loss {result.final_loss:.4f}, "
+            f"{result.tokens_per_s:,.0f} tokens/s -> {result.output}"
+        )
     return 0

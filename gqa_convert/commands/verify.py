@@ -47,13 +47,26 @@ def run(args) -> int:
     s = settings_from_args(VerifySettings, args)
     assert s.data is not None  # required by the parser
     public = s.model_copy(update={"data": _public(s.data)})
-    command = " ".join([
-        "gqa-convert verify", shlex.quote(_public(args.model) or ""),
-        *(["--source", shlex.quote(_public(args.source) or "")] if args.source else []),
-        "--context", str(top.context), *(["--law", shlex.quote(_public(top.law) or "")] if top.law else []),
-    ]) + _flags(public)
-    report = verify_model(Path(args.model), args.source, s.data, top.context, settings=s, law_path=top.law,
-                          card=args.card, command=command)
+    command = " ".join(
+        [
+            "gqa-convert verify",
+            shlex.quote(_public(args.model) or ""),
+            *(["--source", shlex.quote(_public(args.source) or "")] if args.source else []),
+            "--context",
+            str(top.context),
+            *(["--law", shlex.quote(_public(top.law) or "")] if top.law else []),
+        ]
+    ) + _flags(public)
+    report = verify_model(
+        Path(args.model),
+        args.source,
+        s.data,
+        top.context,
+        settings=s,
+        law_path=top.law,
+        card=args.card,
+        command=command,
+    )
     print(report.model_dump_json(indent=2) if args.json else format_table(report))
     if not report.passed:
         print("gqa-convert: verification failed: " + "; ".join(report.reasons), file=sys.stderr)

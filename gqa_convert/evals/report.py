@@ -68,8 +68,10 @@ def retrieval_report(
     for name, folder in models.items():
         max_pos = read_config(Path(folder)).get("max_position_embeddings")
         if max_pos and max(lengths) > max_pos:
-            raise ConfigError(f"length {max(lengths)} is above the max_position_embeddings {max_pos} of the "
-                              f"{name} model; use --lengths up to {max_pos}")
+            raise ConfigError(
+                f"length {max(lengths)} is above the max_position_embeddings {max_pos} of the "
+                f"{name} model; use --lengths up to {max_pos}"
+            )
         if max_pos:
             maxima.append(int(max_pos))
     maximum = min(maxima) if maxima else None
@@ -86,8 +88,11 @@ def retrieval_report(
         kept = [n for n in lengths if n >= shortest]
         if len(kept) < len(lengths):
             notes.append(f"passkey lengths below {shortest} tokens (the shortest prompt) left out")
-        prompts = build_passkey_prompts(tokenizer, kept, settings.depths, samples=settings.samples,
-                                        seed=settings.seed) if kept else []
+        prompts = (
+            build_passkey_prompts(tokenizer, kept, settings.depths, samples=settings.samples, seed=settings.seed)
+            if kept
+            else []
+        )
     ruler_ok: dict[str, list[int]] = {}
     skipped: dict[str, dict[int, str]] = {}
     if ruler:
@@ -110,22 +115,39 @@ def retrieval_report(
         model, tok = load_model(folder)
         model.to(device)
         if prompts:
-            res = passkey_probe(model, tok, sorted({p.length for p in prompts}), settings.depths,
-                                samples=settings.samples, seed=settings.seed, batch_size=settings.batch_size,
-                                prompts=prompts, progress=settings.progress)
+            res = passkey_probe(
+                model,
+                tok,
+                sorted({p.length for p in prompts}),
+                settings.depths,
+                samples=settings.samples,
+                seed=settings.seed,
+                batch_size=settings.batch_size,
+                prompts=prompts,
+                progress=settings.progress,
+            )
             results["passkey"].scores[name] = {int(k): float(v) for k, v in res.by_length().items()}
             grids[name] = res.grid()
             probes[name] = res
         for task, ok in ruler_ok.items():
             from .ruler import ruler_scores
 
-            rr = ruler_scores(model, tok, ok, [task], settings.ruler_limit, batch_size=settings.batch_size,
-                              seed=settings.seed)
+            rr = ruler_scores(
+                model, tok, ok, [task], settings.ruler_limit, batch_size=settings.batch_size, seed=settings.seed
+            )
             results[task].scores[name] = {n: float(rr.score(task, n)) for n in ok}
         del model
-    report = RetrievalReport(context=context, lengths=lengths, depths=list(settings.depths), samples=settings.samples,
-                             seed=settings.seed, tasks=list(results.values()), passkey_grid=grids,
-                             prompts_sha256=prompts_digest(prompts) if prompts else None, notes=notes)
+    report = RetrievalReport(
+        context=context,
+        lengths=lengths,
+        depths=list(settings.depths),
+        samples=settings.samples,
+        seed=settings.seed,
+        tasks=list(results.values()),
+        passkey_grid=grids,
+        prompts_sha256=prompts_digest(prompts) if prompts else None,
+        notes=notes,
+    )
     src, new = report.mean("source"), report.mean("converted")
     if src is not None and new is not None:
         if src > 0:
@@ -154,8 +176,9 @@ def format_report(report: RetrievalReport) -> str:
             cells = [t.scores.get(m, {}).get(n) for m in models]
             if all(c is None for c in cells):
                 continue
-            lines.append(f"  {t.task:<18} {n:>8} " + " ".join("         -" if c is None else f"{c:>10.3f}"
-                                                              for c in cells))
+            lines.append(
+                f"  {t.task:<18} {n:>8} " + " ".join("         -" if c is None else f"{c:>10.3f}" for c in cells)
+            )
     if report.ratio is not None:
         lines.append(f"  converted / source accuracy: {report.ratio:.3f}")
     lines += [f"  note: {n}" for n in report.notes]

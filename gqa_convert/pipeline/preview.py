@@ -27,8 +27,9 @@ def planned_heads(recipe: RunSettings, config: dict) -> tuple[int, int]:
         from ..plan import plan_conversion
 
         law = load_law(recipe.law) if recipe.law else None
-        kv = plan_conversion(config, recipe.context, max_loss_increase=recipe.max_loss_increase,
-                             law=law).recommended.kv_heads
+        kv = plan_conversion(
+            config, recipe.context, max_loss_increase=recipe.max_loss_increase, law=law
+        ).recommended.kv_heads
     from ..architectures import get_family, head_shape
 
     old = head_shape(get_family(config), config)
@@ -59,23 +60,35 @@ def preview_card(recipe: RunSettings, *, reproduce: Optional[str] = None) -> str
 
         write_json_atomic(folder / "config.json", family.updated_config(config, n_kv, n_q))
         ConversionRecord(
-            version=__version__, source=Path(recipe.source).name if local else recipe.source,
+            version=__version__,
+            source=Path(recipe.source).name if local else recipe.source,
             source_repo=aliases()[recipe.source].repo if recipe.source in aliases() else None,
-            revision=recipe.revision, family=family.name, old=HeadLayout(**asdict(old)),
-            new=HeadLayout(**asdict(new)), method=method,
+            revision=recipe.revision,
+            family=family.name,
+            old=HeadLayout(**asdict(old)),
+            new=HeadLayout(**asdict(new)),
+            method=method,
         ).write(folder)
         up = recipe.uptrain
         if up.enabled:
             per_step = recipe.context * up.batch_size * up.grad_accum
             steps = up.steps or (up.tokens // per_step if up.tokens else 0)
             UptrainRecord(
-                data=Path(up.data).name if up.data and Path(up.data).exists() else up.data, context=recipe.context,
-                steps=steps, tokens=steps * per_step, heldout_docs=up.heldout_docs,
+                data=Path(up.data).name if up.data and Path(up.data).exists() else up.data,
+                context=recipe.context,
+                steps=steps,
+                tokens=steps * per_step,
+                heldout_docs=up.heldout_docs,
                 train_start=up.train_start if up.train_start is not None else up.heldout_docs,
                 settings=up.model_dump(mode="json", exclude={"enabled", "data"}),
             ).write(folder)
         from ..pipeline.stages import _base_model
 
-        return render_card(folder, repo_id=recipe.push.repo if recipe.push else None,
-                           base_model=recipe.card.base_model or _base_model(recipe.source),
-                           title=recipe.card.title, license=recipe.card.license, reproduce=reproduce)
+        return render_card(
+            folder,
+            repo_id=recipe.push.repo if recipe.push else None,
+            base_model=recipe.card.base_model or _base_model(recipe.source),
+            title=recipe.card.title,
+            license=recipe.card.license,
+            reproduce=reproduce,
+        )

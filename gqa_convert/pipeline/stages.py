@@ -16,12 +16,14 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Optional, TypeVar
 
 from pydantic import BaseModel
 
 from ..errors import ConfigError
 from ..settings import RunSettings, UptrainConfig
+
+Out = TypeVar("Out", bound=BaseModel)
 
 
 # --------------------------------------------------------------------------- what stages share
@@ -32,6 +34,12 @@ class RunContext:
     log: Callable[[str], None] = print
     outputs: dict[str, BaseModel] = field(default_factory=dict)  # per stage, this run or a skipped earlier one
     _source_dir: Optional[Path] = None  # the source as a local folder, resolved once
+
+    def output(self, stage: str, kind: type[Out]) -> Out:
+        """The typed outputs of an earlier stage (this run's, or a skipped stage's from state.json)."""
+        out = self.outputs[stage]
+        assert isinstance(out, kind), (stage, type(out).__name__)
+        return out
 
     @property
     def final_model(self) -> Path:
@@ -44,8 +52,9 @@ class RunContext:
         if self._source_dir is not None:
             return self._source_dir
         r = self.recipe
-        folder = resolve_source(r.source, revision=r.revision, config_only=config_only,
-                                allow_pickle=r.convert.allow_pickle)
+        folder = resolve_source(
+            r.source, revision=r.revision, config_only=config_only, allow_pickle=r.convert.allow_pickle
+        )
         if not config_only:
             self._source_dir = folder
         return folder
@@ -90,8 +99,14 @@ class PlanStage(Stage):
     name, Outputs = "plan", PlanOutputs
 
     def inputs(self, run: RunSettings) -> dict:
-        return {**_base(run), "context": run.context, "kv_heads": run.kv_heads, "q_heads": run.q_heads,
-                "max_loss_increase": run.max_loss_increase, "law": run.law}
+        return {
+            **_base(run),
+            "context": run.context,
+            "kv_heads": run.kv_heads,
+            "q_heads": run.q_heads,
+            "max_loss_increase": run.max_loss_increase,
+            "law": run.law,
+        }
 
     def run(self, ctx: RunContext, *, resuming: bool) -> PlanOutputs:
         from ..architectures import read_config
@@ -102,8 +117,13 @@ class PlanStage(Stage):
         r = ctx.recipe
         out = ctx.run_dir / "plan"
         out.mkdir(exist_ok=True)
-        p = plan_conversion(read_config(ctx.source_dir(config_only=True)), r.context, source=r.source,
-                            max_loss_increase=r.max_loss_increase, law=load_law(r.law) if r.law else None)
+        p = plan_conversion(
+            read_config(ctx.source_dir(config_only=True)),
+            r.context,
+            source=r.source,
+            max_loss_increase=r.max_loss_increase,
+            law=load_law(r.law) if r.law else None,
+        )
         write_json_atomic(out / "plan.json", p.to_dict())
         write_plot(p, out / "plan.png")
         ctx.log(format_plan(p))
@@ -126,8 +146,9 @@ class ConvertStage(Stage):
 
     def inputs(self, run: RunSettings) -> dict:
         spec = run.calibration_spec()
-        calib = None if spec is None else [spec.source, spec.text_field, spec.split, spec.config_name,
-                                           spec.first_train_doc]
+        calib = (
+            None if spec is None else [spec.source, spec.text_field, spec.split, spec.config_name, spec.first_train_doc]
+        )
         return {**_base(run), **run.convert.model_dump(), "q_heads": run.q_heads, "calibration": calib}
 
     def run(self, ctx: RunContext, *, resuming: bool) -> ConvertOutputs:
@@ -138,19 +159,30 @@ class ConvertStage(Stage):
         target = ctx.run_dir / "converted"
         spec = r.calibration_spec() if r.convert.method != "mean" or r.q_heads else None
         res = convert_checkpoint(
-            ctx.source_dir(), target, ctx.outputs["plan"].kv_heads, method=r.convert.method,  # type: ignore[attr-defined]
-            max_shard_size=r.convert.max_shard_size, overwrite=True, allow_pickle=r.convert.allow_pickle,
-            calib_data=TrainingDocuments(spec) if spec else None, calib_tokens=r.convert.calib_tokens,
-            q_heads=r.q_heads, q_method=r.convert.q_method, calib_device=r.convert.calib_device,
+            ctx.source_dir(),
+            target,
+            ctx.output("plan", PlanOutputs).kv_heads,
+            method=r.convert.method,
+            max_shard_size=r.convert.max_shard_size,
+            overwrite=True,
+            allow_pickle=r.convert.allow_pickle,
+            calib_data=TrainingDocuments(spec) if spec else None,
+            calib_tokens=r.convert.calib_tokens,
+            q_heads=r.q_heads,
+            q_method=r.convert.q_method,
+            calib_device=r.convert.calib_device,
         )
         ctx.link_final_model(target)
-        ctx.log(f"[convert] {res.family}: {res.old_shape.n_kv} -> {res.new_shape.n_kv} KV heads ({res.method}), "
-                f"written to {target}")
-        return ConvertOutputs(model=str(target), old_kv=res.old_shape.n_kv, new_kv=res.new_shape.n_kv,
-                              method=res.method)
+        ctx.log(
+            f"[convert] {res.family}: {res.old_shape.n_kv} -> {res.new_shape.n_kv} KV heads ({res.method}), "
+            f"written to {target}"
+        )
+        return ConvertOutputs(
+            model=str(target), old_kv=res.old_shape.n_kv, new_kv=res.new_shape.n_kv, method=res.method
+        )
 
     def after_skip(self, ctx: RunContext) -> None:
-        ctx.link_final_model(Path(ctx.outputs["convert"].model))  # type: ignore[attr-defined]
+        ctx.link_final_model(Path(ctx.output("convert", ConvertOutputs).model))
 
 
 # --------------------------------------------------------------------------- uptrain
@@ -170,7 +202,7 @@ class UptrainStage(Stage):
 
     def run(self, ctx: RunContext, *, resuming: bool) -> UptrainOutputs:
         r = ctx.recipe
-        converted = ctx.outputs["convert"].model  # type: ignore[attr-defined]
+        converted = ctx.output("convert", ConvertOutputs).model
         if not r.uptrain.enabled:
             ctx.link_final_model(Path(converted))
             return UptrainOutputs(model=converted, skipped=True)
@@ -185,14 +217,19 @@ class UptrainStage(Stage):
             shutil.rmtree(target)
         distill_from = u.distill_from or (str(ctx.source_dir()) if u.distill_weight > 0 else None)
         settings = u.model_dump(exclude={"enabled"})
-        cfg = UptrainConfig(**{**settings, "distill_from": distill_from}, model=converted, context=r.context,
-                            output=str(target), resume=resume)
+        cfg = UptrainConfig(
+            **{**settings, "distill_from": distill_from},
+            model=converted,
+            context=r.context,
+            output=str(target),
+            resume=resume,
+        )
         res = uptrain(cfg)
         ctx.link_final_model(res.output)
         return UptrainOutputs(model=str(res.output), steps=res.steps, tokens=res.tokens, final_loss=res.final_loss)
 
     def after_skip(self, ctx: RunContext) -> None:
-        ctx.link_final_model(Path(ctx.outputs["uptrain"].model))  # type: ignore[attr-defined]
+        ctx.link_final_model(Path(ctx.output("uptrain", UptrainOutputs).model))
 
 
 # --------------------------------------------------------------------------- verify
@@ -208,8 +245,14 @@ class VerifyStage(Stage):
     def inputs(self, run: RunSettings) -> dict:
         text = run.verify_source()
         fmt = text[1].model_dump(include={"text_field", "data_split", "data_config"}) if text else None
-        return {"context": run.context, **run.verify.model_dump(), "data": text[0] if text else None,
-                "format": fmt, "law": run.law, "eval": run.eval.model_dump() if run.verify.retrieval else None}
+        return {
+            "context": run.context,
+            **run.verify.model_dump(),
+            "data": text[0] if text else None,
+            "format": fmt,
+            "law": run.law,
+            "eval": run.eval.model_dump() if run.verify.retrieval else None,
+        }
 
     def run(self, ctx: RunContext, *, resuming: bool) -> VerifyOutputs:
         from ..verify import format_table, verify_model
@@ -220,11 +263,21 @@ class VerifyStage(Stage):
             raise ConfigError("verify needs held-out text: set verify.data (or uptrain.data) in the recipe, or --data")
         data, fmt = text
         settings = r.verify.model_copy(update=fmt.model_dump(include={"text_field", "data_split", "data_config"}))
-        report = verify_model(ctx.final_model.resolve(), str(ctx.source_dir()), data, r.context, settings=settings,
-                              card=False, command=ctx.command(), law_path=r.law, eval_settings=r.eval)
+        report = verify_model(
+            ctx.final_model.resolve(),
+            str(ctx.source_dir()),
+            data,
+            r.context,
+            settings=settings,
+            card=False,
+            command=ctx.command(),
+            law_path=r.law,
+            eval_settings=r.eval,
+        )
         ctx.log(format_table(report))
-        return VerifyOutputs(passed=report.passed, reasons=report.reasons,
-                             verification=str(ctx.final_model / "verification.json"))
+        return VerifyOutputs(
+            passed=report.passed, reasons=report.reasons, verification=str(ctx.final_model / "verification.json")
+        )
 
 
 # --------------------------------------------------------------------------- card
@@ -243,9 +296,14 @@ class CardStage(Stage):
 
         r = ctx.recipe
         repo = r.push.repo if r.push else None
-        path = write_model_card(ctx.final_model.resolve(), base_model=r.card.base_model or _base_model(r.source),
-                                repo_id=repo, reproduce=ctx.command(), license=r.card.license,
-                                title=r.card.title or (None if repo else Path(r.run_dir).name))
+        path = write_model_card(
+            ctx.final_model.resolve(),
+            base_model=r.card.base_model or _base_model(r.source),
+            repo_id=repo,
+            reproduce=ctx.command(),
+            license=r.card.license,
+            title=r.card.title or (None if repo else Path(r.run_dir).name),
+        )
         return CardOutputs(card=str(path))
 
 
@@ -278,8 +336,14 @@ class PushStage(Stage):
             return PushOutputs(pushed=False)
         from ..hub import push
 
-        res = push(ctx.final_model.resolve(), r.push.repo, private=r.push.private, revision=r.push.revision,
-                   force=r.push.force, commit_message=r.push.message)
+        res = push(
+            ctx.final_model.resolve(),
+            r.push.repo,
+            private=r.push.private,
+            revision=r.push.revision,
+            force=r.push.force,
+            commit_message=r.push.message,
+        )
         return PushOutputs(pushed=True, repo=r.push.repo, commit=res.commit_url)
 
 

@@ -54,6 +54,10 @@ class RunState(BaseModel):
         return e is not None and e.fingerprint == fp and e.status == "done"
 
     def mark(self, stage: str, fp: str, status: Literal["running", "done"], outputs: Optional[dict] = None) -> None:
-        self.stages[stage] = StageEntry(fingerprint=fp, status=status, outputs=outputs or {},
-                                        time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        self.stages[stage] = StageEntry(
+            fingerprint=fp,
+            status=status,
+            outputs=outputs or {},
+            time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
         write_json_atomic(self.path, {"stages": {k: v.model_dump() for k, v in self.stages.items()}})

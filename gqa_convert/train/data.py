@@ -43,7 +43,9 @@ def split_text(text: str) -> list[str]:
 def local_files(path: Path) -> list[Path]:
     """The data files under `path` (itself if a file), sorted; a DataError if none or unreadable."""
     if not path.exists():
-        raise DataError(f"data path {path} does not exist; give a .txt/.jsonl/.parquet file, a folder of them, or a dataset name")
+        raise DataError(
+            f"data path {path} does not exist; give a .txt/.jsonl/.parquet file, a folder of them, or a dataset name"
+        )
     if path.is_file():
         if path.suffix not in EXTENSIONS:
             raise DataError(f"data file {path} has an unsupported extension; use one of {', '.join(EXTENSIONS)}")
@@ -76,7 +78,9 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
                 try:
                     text = json.loads(line)[text_field]
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise DataError(f"{path} line {n}: expected a JSON object with a {text_field!r} string field") from err
+                    raise DataError(
+                        f"{path} line {n}: expected a JSON object with a {text_field!r} string field"
+                    ) from err
                 if isinstance(text, str) and text.strip():
                     yield text
     else:  # .parquet
@@ -87,7 +91,9 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
         except Exception as err:  # pyarrow raises several types for corrupt files
             raise DataError(f"data file {path} is not a readable Parquet file ({err})") from err
         if text_field not in pf.schema_arrow.names:
-            raise DataError(f"{path} has no {text_field!r} column (columns: {', '.join(pf.schema_arrow.names)}); set --text-field")
+            raise DataError(
+                f"{path} has no {text_field!r} column (columns: {', '.join(pf.schema_arrow.names)}); set --text-field"
+            )
         for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
             for text in batch.column(0).to_pylist():
                 if isinstance(text, str) and text.strip():
@@ -104,7 +110,9 @@ def _hub_documents(name: str, text_field: str, split: str, config_name: Optional
     for row in ds:
         text = row.get(text_field)
         if text is None:
-            raise DataError(f"dataset {name!r} has no {text_field!r} field (fields: {', '.join(row)}); set --text-field")
+            raise DataError(
+                f"dataset {name!r} has no {text_field!r} field (fields: {', '.join(row)}); set --text-field"
+            )
         if isinstance(text, str) and text.strip():
             yield text
 
@@ -154,7 +162,9 @@ class DataSpec:
     def check(self) -> None:
         """Fail early (before any model work) on data that is missing, unreadable or empty."""
         if self.train_start is not None and self.train_start < self.heldout:
-            raise DataError(f"training would start at document {self.train_start}, inside the held-out slice of {self.heldout}")
+            raise DataError(
+                f"training would start at document {self.train_start}, inside the held-out slice of {self.heldout}"
+            )
         if is_local(self.source):
             local_files(Path(self.source).expanduser())
         if next(iter(self.training_documents()), None) is None:

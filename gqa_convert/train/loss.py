@@ -35,8 +35,20 @@ IMPLS = ("chunked", "liger", "auto")
 
 # What each model type does to lm_head's output before the loss (transformers 5.x modeling code).
 # A type not listed here is refused rather than silently scored without its post-processing.
-PLAIN = {"llama", "mistral", "ministral", "mixtral", "qwen2", "qwen3", "gemma", "phi3", "olmo2", "falcon",
-         "starcoder2", "stablelm"}
+PLAIN = {
+    "llama",
+    "mistral",
+    "ministral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "phi3",
+    "olmo2",
+    "falcon",
+    "starcoder2",
+    "stablelm",
+}
 SOFTCAP = {"gemma2", "gemma3", "gemma3_text"}  # cap * tanh(logits / cap), cap = final_logit_softcapping
 DIVIDE = {"granite", "granitemoe", "granitemoeshared", "granitemoehybrid"}  # logits / logits_scaling
 MULTIPLY = {"cohere", "cohere2"}  # logits * logit_scale
@@ -130,7 +142,8 @@ def output_head(model) -> Head:
         return Head(lin.weight, lin.bias)
     raise UnsupportedModelError(
         f"the chunked loss does not know how model type {kind!r} post-processes its logits; "
-        "add it to gqa_convert/train/loss.py (PLAIN, SOFTCAP, DIVIDE or MULTIPLY) after reading its modeling code")
+        "add it to gqa_convert/train/loss.py (PLAIN, SOFTCAP, DIVIDE or MULTIPLY) after reading its modeling code"
+    )
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -191,8 +204,9 @@ def _liger_ce(h: torch.Tensor, y: torch.Tensor, head: Head) -> torch.Tensor:
     # A logit scale folds into the weights: (h W^T + b) * s = h (s W)^T + s b.
     w = head.weight if head.scale == 1.0 else head.weight * head.scale
     b = head.bias if head.bias is None or head.scale == 1.0 else head.bias * head.scale
-    out = liger_fused_linear_cross_entropy(h.to(w.dtype), w, y, b, ignore_index=IGNORE, reduction="sum",
-                                           softcap=head.softcap)
+    out = liger_fused_linear_cross_entropy(
+        h.to(w.dtype), w, y, b, ignore_index=IGNORE, reduction="sum", softcap=head.softcap
+    )
     return (out[0] if isinstance(out, tuple) else out).float()
 
 
@@ -239,8 +253,9 @@ def chunked_token_losses(
     return ce, kl, n
 
 
-def packed_losses(model, batch: dict[str, torch.Tensor], teacher=None, *, chunk_tokens: Optional[int] = None,
-                  impl: str = "chunked"):
+def packed_losses(
+    model, batch: dict[str, torch.Tensor], teacher=None, *, chunk_tokens: Optional[int] = None, impl: str = "chunked"
+):
     """(CE sum, KL sum, targets) of a packed batch: drop-in for packed_forward + token_losses.
 
     The teacher runs under no_grad and its head is detached, so it only ever provides targets.
@@ -253,12 +268,24 @@ def packed_losses(model, batch: dict[str, torch.Tensor], teacher=None, *, chunk_
         with torch.no_grad():
             t_hidden = packed_hidden(teacher, batch)
         t_head = output_head(teacher).detached()
-    return chunked_token_losses(hidden, output_head(model), batch["labels"], teacher_hidden=t_hidden,
-                                teacher_head=t_head, chunk_tokens=chunk_tokens, impl=impl)
+    return chunked_token_losses(
+        hidden,
+        output_head(model),
+        batch["labels"],
+        teacher_hidden=t_hidden,
+        teacher_head=t_head,
+        chunk_tokens=chunk_tokens,
+        impl=impl,
+    )
 
 
-def token_nll(h: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor, *,
-              chunk_tokens: Optional[int] = None) -> torch.Tensor:
+def token_nll(
+    h: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    targets: torch.Tensor,
+    *,
+    chunk_tokens: Optional[int] = None,
+) -> torch.Tensor:
     """Per-token cross-entropy [n] (float32, no grad) of hidden rows h [n, H] against targets [n]."""
     size = chunk_size(chunk_tokens, _vocab(head))
     with torch.no_grad():
@@ -266,8 +293,9 @@ def token_nll(h: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], tar
     return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
 
 
-def loss_peak_bytes(vocab: int, *, chunk_tokens: Optional[int] = None, teacher: bool = False,
-                    tokens: Optional[int] = None) -> int:
+def loss_peak_bytes(
+    vocab: int, *, chunk_tokens: Optional[int] = None, teacher: bool = False, tokens: Optional[int] = None
+) -> int:
     """Peak bytes of the chunked loss's vocabulary-sized tensors in forward + backward (for planning).
 
     Measured with train/memtrace.py (tests/test_chunked_loss.py checks it): 3 float32 chunk x V
@@ -281,5 +309,17 @@ def loss_peak_bytes(vocab: int, *, chunk_tokens: Optional[int] = None, teacher: 
     return (5 if teacher else 3) * chunk * vocab * 4
 
 
-__all__ = ["CHUNK_LOGITS", "IMPLS", "Head", "unwrap", "final_hidden", "packed_hidden", "output_head", "chunk_size",
-           "chunked_token_losses", "packed_losses", "token_nll", "loss_peak_bytes"]
+__all__ = [
+    "CHUNK_LOGITS",
+    "IMPLS",
+    "Head",
+    "unwrap",
+    "final_hidden",
+    "packed_hidden",
+    "output_head",
+    "chunk_size",
+    "chunked_token_losses",
+    "packed_losses",
+    "token_nll",
+    "loss_peak_bytes",
+]

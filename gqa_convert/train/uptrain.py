@@ -43,9 +43,31 @@ CKPT, CKPT_TMP, CKPT_OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 CONFIG_FILE = "uptrain_config.json"  # the run's settings, written at its start: what --resume must match
 KILL_ENV = "GQA_CONVERT_KILL_AFTER_STEP"  # test hook: SIGKILL this process after step k
 # Fields that define the run; a resumed run must agree on all of them.
-RUN_FIELDS = ("model", "data", "text_field", "data_split", "data_config", "context", "lr", "batch_size",
-              "grad_accum", "warmup", "decay", "lr_floor", "weight_decay", "betas", "clip", "train",
-              "distill_from", "distill_weight", "lora", "lora_rank", "heldout_docs", "train_start", "seed")
+RUN_FIELDS = (
+    "model",
+    "data",
+    "text_field",
+    "data_split",
+    "data_config",
+    "context",
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "warmup",
+    "decay",
+    "lr_floor",
+    "weight_decay",
+    "betas",
+    "clip",
+    "train",
+    "distill_from",
+    "distill_weight",
+    "lora",
+    "lora_rank",
+    "heldout_docs",
+    "train_start",
+    "seed",
+)
 
 
 @dataclass
@@ -137,8 +159,10 @@ def validate(cfg: UptrainConfig, world: int = 1):
         import importlib.util
 
         if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
-            raise ConfigError("--loss-impl liger needs CUDA and liger-kernel (pip install liger-kernel); "
-                              "use --loss-impl chunked (the default) or auto")
+            raise ConfigError(
+                "--loss-impl liger needs CUDA and liger-kernel (pip install liger-kernel); "
+                "use --loss-impl chunked (the default) or auto"
+            )
         if cfg.distill_weight > 0:
             raise ConfigError("--loss-impl liger has no distillation KL; use --loss-impl chunked with --distill-weight")
     try:
@@ -151,12 +175,16 @@ def validate(cfg: UptrainConfig, world: int = 1):
     spec.check()
     out = Path(cfg.output)
     if Path(cfg.model).exists() and out.resolve() == Path(cfg.model).resolve():
-        raise OutputError(f"--output {out} is the model folder itself; choose a new folder (the source is never modified)")
+        raise OutputError(
+            f"--output {out} is the model folder itself; choose a new folder (the source is never modified)"
+        )
     if cfg.resume:
         if not (out / CKPT).is_dir() and not (out / CKPT_OLD).is_dir():
             raise OutputError(f"--resume: no checkpoint in {out}; run without --resume to start")
     elif out.exists() and any(out.iterdir()):
-        raise OutputError(f"--output {out} exists and is not empty; pass --resume to continue that run or choose a new folder")
+        raise OutputError(
+            f"--output {out} exists and is not empty; pass --resume to continue that run or choose a new folder"
+        )
     return attn, mcfg, spec, steps
 
 
@@ -182,8 +210,11 @@ def add_lora(model, train: str, rank: int):
     """Wrap in a peft LoRA whose targets follow --train; merged back into the weights on save."""
     from peft import LoraConfig, get_peft_model
 
-    targets = {"kv": ["k_proj", "v_proj"], "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
-               "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}[train]
+    targets = {
+        "kv": ["k_proj", "v_proj"],
+        "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    }[train]
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets))
 
 
@@ -212,8 +243,10 @@ def save_checkpoint(out: Path, accelerator, model, optimizer, scheduler, state: 
     rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-               tmp / f"optimizer.rank{accelerator.process_index}.pt")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+        tmp / f"optimizer.rank{accelerator.process_index}.pt",
+    )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -231,12 +264,16 @@ def load_checkpoint(out: Path, accelerator, model, optimizer, scheduler) -> dict
     folder = out / CKPT if (out / CKPT / "state.json").is_file() else out / CKPT_OLD
     state = json.loads((folder / "state.json").read_text())
     if state["processes"] != accelerator.num_processes:
-        raise ConfigError(f"checkpoint was written by {state['processes']} process(es); resume with the same number, "
-                          f"not {accelerator.num_processes}")
+        raise ConfigError(
+            f"checkpoint was written by {state['processes']} process(es); resume with the same number, "
+            f"not {accelerator.num_processes}"
+        )
     tensors = load_file(str(folder / "trainable.safetensors"))
     missing = [n for n in tensors if n not in dict(_unwrap(accelerator, model).named_parameters())]
     if missing:
-        raise ConfigError(f"checkpoint does not match this model (e.g. {missing[0]}); was it written with other settings?")
+        raise ConfigError(
+            f"checkpoint does not match this model (e.g. {missing[0]}); was it written with other settings?"
+        )
     _unwrap(accelerator, model).load_state_dict(tensors, strict=False)
     blob = torch.load(folder / f"optimizer.rank{accelerator.process_index}.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
@@ -335,9 +372,12 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
         world = accelerator.num_processes
         total_steps = resolve_steps(cfg, world)
     log = accelerator.print
-    log(f"uptrain: attention = {attn}" + ("" if attn.startswith("flash") else " (PyTorch SDPA; flash-attn not used)")
+    log(
+        f"uptrain: attention = {attn}"
+        + ("" if attn.startswith("flash") else " (PyTorch SDPA; flash-attn not used)")
         + f", {accelerator.num_processes} process(es) on {accelerator.device}"
-        + (f" ({accelerator.distributed_type.value})" if accelerator.num_processes > 1 else ""))
+        + (f" ({accelerator.distributed_type.value})" if accelerator.num_processes > 1 else "")
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if tokenizer.eos_token_id is None:
@@ -371,21 +411,31 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
             model.enable_input_require_grads()
     teacher = None
     if cfg.distill_from and cfg.distill_weight > 0:
-        teacher = AutoModelForCausalLM.from_pretrained(cfg.distill_from, dtype=torch.bfloat16 if cuda else torch.float32,
-                                                       attn_implementation=attn).to(accelerator.device).eval()
+        teacher = (
+            AutoModelForCausalLM.from_pretrained(
+                cfg.distill_from, dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation=attn
+            )
+            .to(accelerator.device)
+            .eval()
+        )
         teacher.requires_grad_(False)
         if teacher.config.vocab_size != model.config.vocab_size:
-            raise ConfigError(f"--distill-from {cfg.distill_from} has vocabulary {teacher.config.vocab_size}, "
-                              f"the model {model.config.vocab_size}; distil from the model it was converted from")
+            raise ConfigError(
+                f"--distill-from {cfg.distill_from} has vocabulary {teacher.config.vocab_size}, "
+                f"the model {model.config.vocab_size}; distil from the model it was converted from"
+            )
 
     model = accelerator.prepare(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: wsd_factor(s, total_steps, cfg.warmup, cfg.decay, cfg.lr_floor))
+        optimizer, lambda s: wsd_factor(s, total_steps, cfg.warmup, cfg.decay, cfg.lr_floor)
+    )
     optimizer = accelerator.prepare(optimizer)
-    log(f"uptrain: {total_steps} steps x {cfg.context * cfg.batch_size * cfg.grad_accum * world:,} tokens, "
-        f"training {n_train:,} parameters ({cfg.train}{', LoRA' if cfg.lora else ''})")
+    log(
+        f"uptrain: {total_steps} steps x {cfg.context * cfg.batch_size * cfg.grad_accum * world:,} tokens, "
+        f"training {n_train:,} parameters ({cfg.train}{', LoRA' if cfg.lora else ''})"
+    )
 
     rows_per_step = cfg.batch_size * cfg.grad_accum * world
     stream = RowStream(spec, tokenizer, cfg.context)
@@ -422,15 +472,18 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
         kl_sum = torch.zeros((), device=accelerator.device)
         for micro in range(cfg.grad_accum):
             first = (micro * world + accelerator.process_index) * cfg.batch_size
-            batch = {k: v.to(accelerator.device) for k, v in collate(global_rows[first : first + cfg.batch_size]).items()}
+            batch = {
+                k: v.to(accelerator.device) for k, v in collate(global_rows[first : first + cfg.batch_size]).items()
+            }
             last = micro == cfg.grad_accum - 1
             ctx = accelerator.no_sync(model) if not last else _nullcontext()
             with ctx:
                 # The loss from the final hidden states, a chunk of tokens at a time through the
                 # output head: never the [T, V] logits (train/loss.py; 67 GB at 128K for Llama-3).
                 with accelerator.autocast():
-                    ce, kl, _ = packed_losses(model, batch, teacher, chunk_tokens=cfg.loss_chunk_tokens,
-                                              impl=cfg.loss_impl)
+                    ce, kl, _ = packed_losses(
+                        model, batch, teacher, chunk_tokens=cfg.loss_chunk_tokens, impl=cfg.loss_impl
+                    )
                 loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * kl if teacher is not None else ce
                 accelerator.backward(loss * scale)
             ce_sum += ce.detach()
@@ -447,9 +500,16 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
         dt = time.perf_counter() - t0
         losses.append(ce_mean)
         if main:
-            rec = {"step": step + 1, "tokens": tokens_done, "loss": round(ce_mean, 6), "lr": lr_used,
-                   "grad_norm": round(float(grad_norm), 5), "tokens_per_s": round(step_tokens / dt, 1), "epoch": stream.epoch,
-                   "elapsed_s": round(elapsed_before + time.perf_counter() - t_run, 3)}
+            rec = {
+                "step": step + 1,
+                "tokens": tokens_done,
+                "loss": round(ce_mean, 6),
+                "lr": lr_used,
+                "grad_norm": round(float(grad_norm), 5),
+                "tokens_per_s": round(step_tokens / dt, 1),
+                "epoch": stream.epoch,
+                "elapsed_s": round(elapsed_before + time.perf_counter() - t_run, 3),
+            }
             if teacher is not None:
                 rec["kl"] = round(kl_mean, 6)
             with open(metrics_path, "a") as fh:
@@ -458,9 +518,21 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
             bar.update(1)
         done = step + 1
         if done % cfg.save_every == 0 or done == total_steps:
-            save_checkpoint(out, accelerator, model, optimizer, scheduler, {
-                "step": done, "rows": done * rows_per_step, "tokens": tokens_done, "processes": accelerator.num_processes,
-                "elapsed_s": elapsed_before + time.perf_counter() - t_run, "epoch": stream.epoch})
+            save_checkpoint(
+                out,
+                accelerator,
+                model,
+                optimizer,
+                scheduler,
+                {
+                    "step": done,
+                    "rows": done * rows_per_step,
+                    "tokens": tokens_done,
+                    "processes": accelerator.num_processes,
+                    "elapsed_s": elapsed_before + time.perf_counter() - t_run,
+                    "epoch": stream.epoch,
+                },
+            )
             if main:
                 plot_curve(metrics_path, out / "loss_curve.png")
         if kill_after and done == kill_after:
@@ -474,10 +546,16 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
         plot_curve(metrics_path, out / "loss_curve.png")
     all_losses = [json.loads(x)["loss"] for x in metrics_path.read_text().splitlines() if x.strip()] if main else losses
     result = UptrainResult(
-        output=out, steps=total_steps, tokens=tokens_done,
+        output=out,
+        steps=total_steps,
+        tokens=tokens_done,
         final_loss=all_losses[-1] if all_losses else float("nan"),
         tokens_per_s=(total_steps - start) * rows_per_step * cfg.context / max(run_s, 1e-9),
-        attn_implementation=attn, heldout_docs=spec.heldout, resumed_from=start, losses=all_losses)
+        attn_implementation=attn,
+        heldout_docs=spec.heldout,
+        resumed_from=start,
+        losses=all_losses,
+    )
     if main:
         _record(cfg, result, spec).write(out)
     accelerator.wait_for_everyone()
@@ -506,18 +584,34 @@ def _public(value: Optional[str]) -> Optional[str]:
 
 def _record(cfg: UptrainConfig, result: UptrainResult, spec) -> UptrainRecord:
     """uptrain.json: what ran (settings, local paths by name) and what it measured."""
-    settings = UptrainSettings.model_validate(
-        {k: getattr(cfg, k) for k in UptrainSettings.model_fields}).model_dump(mode="json")
+    settings = UptrainSettings.model_validate({k: getattr(cfg, k) for k in UptrainSettings.model_fields}).model_dump(
+        mode="json"
+    )
     settings["distill_from"] = _public(settings["distill_from"])
     settings["data"] = _public(settings["data"])
-    public = cfg.model_copy(update={"model": _public(cfg.model), "data": _public(cfg.data),
-                                    "output": Path(cfg.output).name, "distill_from": _public(cfg.distill_from)})
+    public = cfg.model_copy(
+        update={
+            "model": _public(cfg.model),
+            "data": _public(cfg.data),
+            "output": Path(cfg.output).name,
+            "distill_from": _public(cfg.distill_from),
+        }
+    )
     return UptrainRecord(
-        model=_public(cfg.model), data=_public(cfg.data), context=cfg.context, steps=result.steps,
-        tokens=result.tokens, final_loss=result.final_loss, tokens_per_s=result.tokens_per_s,
-        attn_implementation=result.attn_implementation, heldout_docs=spec.heldout, train_start=spec.first_train_doc,
-        resumed_from=result.resumed_from, settings=settings,
-        command=command_line("uptrain", public, positional=("model",), skip=("resume", "progress")))
+        model=_public(cfg.model),
+        data=_public(cfg.data),
+        context=cfg.context,
+        steps=result.steps,
+        tokens=result.tokens,
+        final_loss=result.final_loss,
+        tokens_per_s=result.tokens_per_s,
+        attn_implementation=result.attn_implementation,
+        heldout_docs=spec.heldout,
+        train_start=spec.first_train_doc,
+        resumed_from=result.resumed_from,
+        settings=settings,
+        command=command_line("uptrain", public, positional=("model",), skip=("resume", "progress")),
+    )
 
 
 class _nullcontext:
