@@ -101,6 +101,11 @@ class Family:
         """
         out = copy.deepcopy(config)
         out[self.kv_field] = int(new_kv)
+        # The converted model is a stock transformers class: custom code is never carried over (it
+        # would need trust_remote_code), and a model_type that the source left out is written, so
+        # that AutoConfig can load the output.
+        out.pop("auto_map", None)
+        out.setdefault("model_type", self.model_types[0])
         if n_heads is not None and int(n_heads) != int(config[self.heads_field]):
             self.check_query_heads()
             out["head_dim"] = head_shape(self, config).head_dim
@@ -340,6 +345,12 @@ def get_family(config: dict) -> Family:
 
 def head_shape(family: Family, config: dict) -> HeadShape:
     """Query heads, KV heads, head size and hidden size, the way the family's class reads them."""
+    missing = [k for k in ("hidden_size", family.heads_field) if not isinstance(config.get(k), int)]
+    if missing:
+        raise CheckpointError(
+            f"config.json lacks {' and '.join(missing)} (a whole number each), which {family.name} models need; "
+            "is it a complete transformers config?"
+        )
     hidden = int(config["hidden_size"])
     n_heads = int(config[family.heads_field])
     n_kv = config.get(family.kv_field)

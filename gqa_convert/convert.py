@@ -190,6 +190,9 @@ def convert_checkpoint(
         )
     n_q = _check_q_heads(family, old, kv_heads, q_heads, q_method, calib_data)
     check_output(output, src, overwrite)
+    if "auto_map" in config:
+        print(f"convert: {Path(str(source)).name} carries custom code (auto_map); the output is the stock "
+              f"{family.name} class, without it", file=sys.stderr)
     FolderLock(output).probe()  # another run writing it: fail now, not after calibrating
     if isinstance(method, str) and method not in METHODS:
         _merge_module(method)  # fail now, not after a download
@@ -437,6 +440,8 @@ def _copy_side_files(src: Path, dst: Path) -> None:
     """Tokenizer, generation config, licence and other small top-level files; not weights or README."""
     for p in sorted(src.iterdir()):
         if p.name.startswith(".") or not p.is_file() or p.name in SKIP_NAMES or p.name.endswith(SKIP_SUFFIXES):
+            continue
+        if p.suffix == ".py":  # the source's custom modelling code: the output is a stock class (auto_map dropped)
             continue
         shutil.copy2(p, dst / p.name)
 

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import DataError, SourceNotFoundError
+from .errors import DataError, SourceNotFoundError, UnsupportedModelError
 from .train.data import split_text
 from .train.loss import chunk_size, final_hidden, output_head, token_nll
 
@@ -76,6 +76,17 @@ def training_documents(path: Path) -> list[str]:
     return docs
 
 
+def refuse_custom_code(folder: Path | str) -> None:
+    """A folder whose config asks for its own modelling code (auto_map) is refused, never run."""
+    from .architectures import read_config
+
+    if "auto_map" in read_config(folder):
+        raise UnsupportedModelError(
+            f"{folder} carries custom modelling code (auto_map in config.json), which gqa-convert never runs; "
+            "convert it with `gqa-convert convert` (the output is a stock transformers class) and use that folder"
+        )
+
+
 def load_model(folder: Path | str, dtype: Optional[torch.dtype] = None):
     """(model in eval mode, tokenizer) from a local Hugging Face folder; no remote code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,6 +96,7 @@ def load_model(folder: Path | str, dtype: Optional[torch.dtype] = None):
         raise SourceNotFoundError(
             f"{folder} is not a model folder (no config.json); give a converted or exported folder"
         )
+    refuse_custom_code(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     return model.eval(), tokenizer

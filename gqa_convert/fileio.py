@@ -141,3 +141,15 @@ class FolderLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def share_modes(folder: Union[str, Path]) -> None:
+    """Give the files and folders under FOLDER the modes a plain `open`/`mkdir` gives under the
+    umask (0644/0755 usually): safetensors' writer creates 0600 files, which another user or a
+    serving container could not read."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)

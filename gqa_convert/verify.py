@@ -260,6 +260,10 @@ def verify_model(
         raise DataError(f"no documents in {data}; give held-out text (a file, folder or dataset name)")
     law = load_law(law_path)
 
+    from .evaluate import refuse_custom_code
+
+    for folder in (model_dir, src_dir):
+        refuse_custom_code(folder)  # before anything is measured
     cfg_new, cfg_src = read_config(model_dir), read_config(src_dir)
     new, old = shape_from_config(cfg_new), shape_from_config(cfg_src)
     if (new.n_layers, new.hidden, new.head_dim) != (old.n_layers, old.hidden, old.head_dim):

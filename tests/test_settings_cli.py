@@ -252,7 +252,7 @@ def test_help_loads_no_torch():
     code = (
         "import sys\nfrom gqa_convert.commands import main\n"
         "for argv in (['--help'], ['convert', '--help'], ['uptrain', '--help'], ['verify', '--help'],"
-        " ['push', '--help'], ['plan', '--help'], ['run', '--help'], ['law', '--help'], ['card', '--help']):\n"
+        " ['push', '--help'], ['plan', '--help'], ['run', '--help'], ['law', '--help'], ['card', '--help'], ['eval', '--help']):\n"
         "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
         "heavy = [m for m in ('torch', 'transformers', 'numpy', 'accelerate') if m in sys.modules]\n"
         "print('HEAVY', heavy, file=sys.stderr)\n"

@@ -66,6 +66,14 @@ def _save_traceback() -> str:
     return path
 
 
+def quiet_transformers() -> None:
+    """transformers' own "Loading weights" / "Writing model shards" bars: off, our commands show
+    their own progress, and a failing command should print its one line, not bars before it."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -80,6 +88,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "command", None) not in (None, "law", "models", "plan", "card", "push"):
+            quiet_transformers()  # commands that load models
         return int(args.func(args) or 0)
     except GqaConvertError as err:
         print(f"gqa-convert: error: {err}", file=sys.stderr)

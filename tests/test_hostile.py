@@ -1,0 +1,240 @@
+"""Hostile and clumsy input (issue #14's examples): one bounded line, a non-zero exit, no
+traceback, nothing half-written, the source byte-identical."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import time
+
+import pytest
+from conftest import SAMPLE_TEXT, need
+
+from gqa_convert.commands import main
+from gqa_convert.fileio import FolderLock
+
+
+def _hashes(folder):
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from gqa_convert.train.tiny import make_tiny_llama
+
+    return make_tiny_llama(
+        tmp_path_factory.mktemp("src") / "m",
+        [need(SAMPLE_TEXT).read_text()],
+        hidden=32,
+        layers=1,
+        heads=4,
+        kv_heads=4,
+        max_pos=128,
+    )
+
+
+def _one_line_failure(capsys, argv, code=None):
+    capsys.readouterr()  # what earlier steps of the test printed
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert rc != 0 and (code is None or rc == code), (rc, err)
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("convert:", "[eval]"))]
+    assert len(lines) == 1 and lines[0].startswith("gqa-convert: error:"), err
+    assert "Traceback" not in err and len(lines[0]) < 600
+    return lines[0]
+
+
+def test_yaml_alias_bomb_is_one_short_line(tmp_path, capsys):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+    )
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text(bomb + "source: x\nkv_heads: *i\ncontext: 8K\nrun_dir: r\n")
+    t0 = time.perf_counter()
+    line = _one_line_failure(capsys, ["run", recipe], 2)
+    assert "kv_heads" in line and time.perf_counter() - t0 < 10
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (None, "not found (or not a file)"),  # a folder
+        (b"\xff\xfe not utf-8: \x81", "not UTF-8"),
+        (("a: " + "[" * 5000 + "]" * 5000).encode(), "nested too deeply"),
+        (b"- a list\n- not a mapping\n", "must be a YAML mapping"),
+    ],
+)
+def test_bad_recipe_files(tmp_path, capsys, content, words):
+    path = tmp_path / "r.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    assert words in _one_line_failure(capsys, ["run", path], 2)
+
+
+def test_run_dir_inside_the_source_is_refused_before_writing(tiny, capsys):
+    before = _hashes(tiny)
+    for run_dir in (tiny, tiny / "run"):
+        line = _one_line_failure(capsys, [tiny, "--kv-heads", "2", "--context", "64", "--run-dir", run_dir])
+        assert "overlaps the source" in line
+    assert _hashes(tiny) == before and not (tiny / "run").exists()
+
+
+def test_second_writer_of_an_output_fails_at_once(tiny, tmp_path, capsys):
+    out = tmp_path / "o"
+    with FolderLock(out):
+        line = _one_line_failure(capsys, ["convert", tiny, "--kv-heads", "2", "-o", out, "--no-progress"])
+    assert f"pid {os.getpid()}" in line and not out.exists()
+    assert main(["convert", str(tiny), "--kv-heads", "2", "-o", str(out), "--no-progress"]) == 0  # lock released
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no lock file left
+
+
+def test_stale_partial_output_of_a_killed_run_is_removed(tiny, tmp_path, capsys):
+    out = tmp_path / "o"
+    stale = tmp_path / ".o.tmp-dead1"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1000)
+    assert main(["convert", str(tiny), "--kv-heads", "2", "-o", str(out), "--no-progress"]) == 0
+    assert not stale.exists() and "partial output of an interrupted run" in capsys.readouterr().err
+
+
+def test_output_spellings(tiny, tmp_path, capsys, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "keep.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    assert "current folder" in _one_line_failure(capsys, ["convert", tiny, "--kv-heads", "2", "-o", ".", "--overwrite"])
+    assert (here / "keep.txt").read_text() == "mine" and not list(tmp_path.glob(".*"))
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    assert "symbolic link" in _one_line_failure(capsys, ["convert", tiny, "--kv-heads", "2", "-o", dangling])
+    if os.path.isdir("/proc/self"):
+        _one_line_failure(capsys, ["convert", tiny, "--kv-heads", "2", "-o", "/proc/self/gqa-out"])
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda c: c.pop("num_attention_heads"), "lacks num_attention_heads"),
+        (lambda c: [1, 2, 3], "holds a JSON list"),
+    ],
+)
+def test_damaged_source_configs(tiny, tmp_path, capsys, edit, words):
+    src = tmp_path / "src"
+    shutil.copytree(tiny, src)
+    config = json.loads((src / "config.json").read_text())
+    new = edit(config)
+    (src / "config.json").write_text(json.dumps(new if isinstance(new, list) else config))
+    assert words in _one_line_failure(capsys, ["convert", src, "--kv-heads", "2", "-o", tmp_path / "o"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_without_model_type_gives_a_loadable_output(tiny, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny, src)
+    config = json.loads((src / "config.json").read_text())
+    del config["model_type"]
+    (src / "config.json").write_text(json.dumps(config))
+    assert main(["convert", str(src), "--kv-heads", "2", "-o", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "o").config.num_key_value_heads == 2
+
+
+def test_custom_code_is_dropped_and_never_run(tiny, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(tiny, src)
+    config = json.loads((src / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (src / "config.json").write_text(json.dumps(config))
+    (src / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    out = tmp_path / "o"
+    assert main(["convert", str(src), "--kv-heads", "2", "-o", str(out), "--no-progress"]) == 0
+    assert "auto_map" in capsys.readouterr().err
+    assert "auto_map" not in json.loads((out / "config.json").read_text()) and not list(out.glob("*.py"))
+    line = _one_line_failure(
+        capsys, ["verify", src, "--source", tiny, "--data", SAMPLE_TEXT, "--context", "64", "--no-retrieval"]
+    )
+    assert "custom modelling code" in line and "trust_remote_code=True" not in line
+
+
+def test_modes_of_outputs_are_for_sharing(tiny, tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "o"
+        assert main(["convert", str(tiny), "--kv-heads", "2", "-o", str(out), "--no-progress"]) == 0
+        data = tmp_path / "d.txt"
+        data.write_text("\n\n".join(f"document {i} " * 20 for i in range(60)))
+        up = tmp_path / "up"
+        assert (
+            main(
+                [
+                    "uptrain",
+                    str(out),
+                    "--data",
+                    str(data),
+                    "--context",
+                    "32",
+                    "--steps",
+                    "2",
+                    "--batch-size",
+                    "2",
+                    "--heldout-docs",
+                    "5",
+                    "--output",
+                    str(up),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+    finally:
+        os.umask(old)
+    for folder in (out, up, up / "checkpoint"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+        for f in folder.iterdir():
+            if f.is_file():
+                assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("uptrain_config.json", "missing or damaged"),
+        ("checkpoint/trainable.safetensors", "damaged"),
+        ("checkpoint/optimizer.rank0.pt", "damaged"),
+    ],
+)
+def test_resume_with_damaged_files(tiny, tmp_path, capsys, damage, words):
+    data = tmp_path / "d.txt"
+    data.write_text("\n\n".join(f"document {i} " * 20 for i in range(60)))
+    up = tmp_path / "up"
+    args = [
+        "uptrain",
+        tiny,
+        "--data",
+        data,
+        "--context",
+        "32",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--heldout-docs",
+        "5",
+        "--output",
+        up,
+        "--no-progress",
+    ]
+    assert main([str(a) for a in args]) == 0
+    target = up / damage
+    target.write_bytes(target.read_bytes()[: max(1, target.stat().st_size // 3)])
+    assert words in _one_line_failure(capsys, [*args, "--resume"])
