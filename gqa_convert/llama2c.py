@@ -9,7 +9,9 @@ classifier shares the token embedding. Two things differ from a Hugging Face `Ll
 - The tokenizer: llama2.c stores sentencepiece pieces and scores (word marker written as a space)
   and encodes with greedy highest-score pair merges. We rebuild it as a `tokenizers` BPE with
   byte fallback whose merges are ranked by the merged piece's score, like transformers'
-  SentencePiece converters do.
+  SentencePiece converters do, and also write the same pieces and scores as a sentencepiece
+  `tokenizer.model` (BPE, byte fallback, run.c's normalisation) for clients that read that file,
+  such as llama.cpp's `convert_hf_to_gguf.py`.
 
 The output loads with plain `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`.
 Weights are written as safetensors; nothing is pickled.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -264,6 +267,121 @@ def save_tokenizer(pieces: list[tuple[str, float]], folder: Path, max_length: in
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+# --- sentencepiece tokenizer.model ----------------------------------------------------------
+#
+# A sentencepiece ModelProto (sentencepiece_model.proto, proto2) written with a few lines of
+# protobuf wire format, so exporting needs neither `sentencepiece` nor `protobuf`. Field numbers:
+# ModelProto{1: pieces, 2: trainer_spec, 3: normalizer_spec}; SentencePiece{1: piece, 2: score,
+# 3: type}; TrainerSpec{3: model_type, 4: vocab_size, 7: input_format, 10: character_coverage,
+# 25: split_digits, 26: allow_whitespace_only_pieces, 35: byte_fallback, 40-43: unk/bos/eos/pad
+# id, 44: unk_surface, 45-47: unk/bos/eos piece}; NormalizerSpec{1: name, 3: add_dummy_prefix,
+# 4: remove_extra_whitespaces, 5: escape_whitespaces}.
+
+SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL, SPM_BYTE = 1, 2, 3, 6  # ModelProto.SentencePiece.Type
+SPM_BPE = 2  # TrainerSpec.ModelType
+SPM_MODEL_FILE = "tokenizer.model"
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int32 values are written as 10-byte two's complement
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _pb_int(field: int, value: int) -> bytes:  # varint: int32, bool, enum
+    return _varint(field << 3) + _varint(int(value))
+
+
+def _pb_float(field: int, value: float) -> bytes:  # fixed32
+    return _varint(field << 3 | 5) + struct.pack("<f", value)
+
+
+def _pb_bytes(field: int, value: bytes | str) -> bytes:  # length-delimited: string, message
+    raw = value.encode("utf-8") if isinstance(value, str) else value
+    return _varint(field << 3 | 2) + _varint(len(raw)) + raw
+
+
+def spm_piece_types(pieces: list[tuple[str, float]]) -> list[int]:
+    """Sentencepiece piece types: id 0 unknown, 1/2 control (BOS/EOS), 3..258 bytes, rest normal."""
+    types = []
+    for i, (piece, _) in enumerate(pieces):
+        if i == 0:
+            types.append(SPM_UNKNOWN)
+        elif i < 3:
+            types.append(SPM_CONTROL)
+        elif i < 3 + N_BYTE_TOKENS:
+            if piece != f"<0x{i - 3:02X}>":
+                raise CheckpointError(
+                    f"tokenizer piece {i} is {piece!r}, expected the byte-fallback piece <0x{i - 3:02X}>; "
+                    "cannot write a sentencepiece model with byte fallback"
+                )
+            types.append(SPM_BYTE)
+        elif _BYTE_PIECE.fullmatch(piece):
+            raise CheckpointError(f"tokenizer piece {i} is {piece!r}, a byte piece outside ids 3..258")
+        else:
+            types.append(SPM_NORMAL)
+    return types
+
+
+def spm_model_proto(pieces: list[tuple[str, float]]) -> bytes:
+    """The serialized sentencepiece ModelProto that encodes like run.c (see `save_spm_model`)."""
+    if len(pieces) < 3 + N_BYTE_TOKENS:
+        raise CheckpointError(f"a llama2.c tokenizer of {len(pieces)} pieces has no room for 256 byte pieces")
+    body = b"".join(
+        _pb_bytes(1, _pb_bytes(1, piece) + _pb_float(2, score) + _pb_int(3, kind))
+        for (piece, score), kind in zip(pieces, spm_piece_types(pieces))
+    )
+    trainer = b"".join(
+        [
+            _pb_int(3, SPM_BPE),
+            _pb_int(4, len(pieces)),
+            _pb_bytes(7, "text"),
+            # llama2.c's train_vocab settings (they shaped the vocabulary; encoding ignores them)
+            _pb_float(10, 1.0),
+            _pb_int(25, True),
+            _pb_int(26, True),
+            _pb_int(35, True),  # byte_fallback: characters outside the vocabulary become <0xNN>
+            _pb_int(40, 0),
+            _pb_int(41, 1),
+            _pb_int(42, 2),
+            _pb_int(43, -1),  # no padding piece
+            _pb_bytes(44, " \u2047 "),  # unk_surface, sentencepiece's default
+            _pb_bytes(45, UNK),
+            _pb_bytes(46, BOS),
+            _pb_bytes(47, EOS),
+        ]
+    )
+    normalizer = b"".join(
+        [
+            _pb_bytes(1, "identity"),  # no NFKC: characters are looked up as written, as run.c does
+            _pb_int(3, True),  # add_dummy_prefix: run.c prepends a space to non-empty text
+            _pb_int(4, False),  # remove_extra_whitespaces off: run.c keeps every space
+            _pb_int(5, True),  # escape_whitespaces: a space is the word marker
+        ]
+    )
+    return body + _pb_bytes(2, trainer) + _pb_bytes(3, normalizer)
+
+
+def save_spm_model(pieces: list[tuple[str, float]], folder: Path) -> Path:
+    """Write `tokenizer.model`: the llama2.c pieces and scores as a sentencepiece BPE model.
+
+    Same ids as run.c's encode (and tokenizer.json): sentencepiece's BPE merges the adjacent pair
+    whose merged piece scores highest, leftmost first, and falls back to UTF-8 byte pieces for a
+    character outside the vocabulary. The normaliser is "identity" with the dummy prefix and no
+    whitespace collapsing. (llama2.c trained tok512 with sentencepiece's default
+    remove_extra_whitespaces=True, but its run.c, and so the model's training data, never collapsed
+    spaces; this file follows run.c.)
+    """
+    path = Path(folder) / SPM_MODEL_FILE
+    path.write_bytes(spm_model_proto(pieces))
+    return path
+
+
 # --- export -----------------------------------------------------------------------------------
 
 
@@ -274,7 +392,8 @@ def export_llama2c(checkpoint: Path, tokenizer: Path, output: Path, *, overwrite
         checkpoint: llama2.c legacy float32 `.bin` (e.g. stories260K.bin).
         tokenizer: the matching llama2.c `tokenizer.bin` (e.g. tok512.bin).
         output: folder to create (model.safetensors, config.json, generation_config.json,
-            tokenizer.json, tokenizer_config.json). Written beside itself first, renamed when done.
+            tokenizer.json, tokenizer_config.json, and the sentencepiece tokenizer.model). Written
+            beside itself first, renamed when done.
         overwrite: replace an existing `output`.
 
     Returns:
@@ -301,6 +420,7 @@ def export_llama2c(checkpoint: Path, tokenizer: Path, output: Path, *, overwrite
         hf_config(header).save_pretrained(tmp)
         GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(tmp)
         save_tokenizer(pieces, tmp, header.seq_len)
+        save_spm_model(pieces, tmp)
         if output.exists():
             shutil.rmtree(output)
         os.replace(tmp, output)
@@ -319,5 +439,7 @@ __all__ = [
     "read_tokenizer",
     "bpe_merges",
     "build_tokenizer",
+    "spm_model_proto",
+    "save_spm_model",
     "export_llama2c",
 ]

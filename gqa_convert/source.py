@@ -154,6 +154,10 @@ def _snapshot(repo: str, revision: Optional[str], token: Optional[str], patterns
     return path
 
 
+# Bumped when the export writes something new (2: a sentencepiece tokenizer.model beside tokenizer.json).
+LLAMA2C_EXPORT_VERSION = "2"
+
+
 def import_llama2c(bin_path: Path) -> Path:
     """A Hugging Face folder for a llama2.c checkpoint, exported once into the cache (by file hash)."""
     bin_path = Path(bin_path)
@@ -169,7 +173,7 @@ def import_llama2c(bin_path: Path) -> Path:
             f"{bin_path} looks like a llama2.c checkpoint but no tokenizer ({' or '.join(LLAMA2C_TOKENIZERS)}) "
             "is beside it"
         )
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(LLAMA2C_EXPORT_VERSION.encode())  # a newer exporter re-exports
     for p in (bin_path, tok):
         with open(p, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
