@@ -242,7 +242,8 @@ def _uptraining_rows(up: UptrainRecord) -> list[tuple[str, str]]:
     done = {
         "steps": up.steps,
         "tokens": up.tokens,
-        "final loss": up.final_loss,
+        (f"held-out loss ({up.eval_slice})" if up.eval_slice else "held-out loss"): up.eval_loss,
+        "last batch's training loss": up.final_loss,
         "context": up.context,
         "data": up.data,
         "held-out documents": up.heldout_docs,

@@ -112,7 +112,9 @@ class UptrainRecord(Record):
     context: Optional[int] = None
     steps: int = 0
     tokens: int = 0  # training tokens consumed
-    final_loss: Optional[float] = None  # mean training loss of the last step
+    final_loss: Optional[float] = None  # mean training loss of the last step (one noisy batch)
+    eval_loss: Optional[float] = None  # held-out loss at the end of training, on eval_slice
+    eval_slice: Optional[str] = None  # which held-out documents, e.g. "documents[0:50]"
     tokens_per_s: Optional[float] = None
     attn_implementation: Optional[str] = None
     heldout_docs: Optional[int] = None

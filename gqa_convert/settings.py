@@ -330,6 +330,28 @@ class UptrainSettings(TextFormat, TrainSlice):
     )
     save_every: int = field(50, "steps between checkpoints", gt=0)
     seed: int = field(0, "random seed")
+    shuffle: bool = field(
+        True,
+        "shuffle the training documents with --seed, anew each epoch (a shuffle buffer, resumable); "
+        "--no-shuffle keeps the source's order",
+    )
+    shuffle_buffer: int = field(
+        10_000,
+        "documents in the shuffle buffer: a source of at most this many documents is fully shuffled, "
+        "a larger one mixed within a window of about this many",
+        gt=0,
+    )
+    eval_every: Optional[int] = field(
+        None, "steps between held-out evaluations (default: 5 evenly spaced, the last at the final step)", gt=0
+    )
+    eval_docs: int = field(
+        50, "held-out documents scored at each evaluation: the first N of heldout.jsonl (0: no evaluation)", ge=0
+    )
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = field(
+        "none",
+        "also log the metrics to a tracker through accelerate (extras [tensorboard], [wandb], [trackio]; "
+        "wandb runs offline unless WANDB_MODE is set)",
+    )
 
     @model_validator(mode="after")
     def _schedule(self):

@@ -4,9 +4,12 @@ Sources: a local .txt (blank-line separated blocks, or `<|endoftext|>`-separated
 JSON object per line, text in `text_field`), .parquet (a `text_field` column), a folder of those
 (sorted, recursive), or a Hugging Face dataset name (streamed through `datasets`).
 
-Document order is the order of the source, deterministic, so a run can be resumed by replaying the
-stream up to the saved row count. The first `heldout` documents are the held-out slice; training
-starts at `train_start` (default: right after the held-out slice) and cycles when it runs out.
+Documents are numbered in the order of the source (document id = that index, held-out ones
+included). The first `heldout` documents are the held-out slice; training starts at `train_start`
+(default: right after the held-out slice) and cycles when it runs out. `RowStream` reads the training
+documents in that order, or shuffled (`shuffle_buffer` > 0): through a seeded shuffle buffer, with a
+new seed each epoch (`shuffled`). Either way the stream is a deterministic function of the data and
+the seed, so a run is resumed by replaying it up to the saved row count.
 
 Packing (`pack_rows`): each document is tokenised with the model's tokenizer (BOS if the tokenizer
 adds one), EOS appended, and laid end to end into rows of exactly `context` tokens; no padding. The
@@ -17,10 +20,11 @@ attention to a document (see `collate`).
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, TypeVar
 
 import torch
 
@@ -29,6 +33,7 @@ from ..errors import DataError
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 EOT = "<|endoftext|>"
 IGNORE = -100  # label value skipped by the loss
+T = TypeVar("T")
 
 
 def split_text(text: str) -> list[str]:
@@ -155,9 +160,16 @@ class DataSpec:
         return out
 
     def training_documents(self) -> Iterator[str]:
+        """The training documents in the source's order."""
+        for _, doc in self.indexed_training_documents():
+            yield doc
+
+    def indexed_training_documents(self) -> Iterator[tuple[int, str]]:
+        """(document id, text) of the training documents in the source's order; the id is the
+        document's index in `documents()`."""
         for i, doc in enumerate(self.documents()):
             if i >= self.first_train_doc:
-                yield doc
+                yield i, doc
 
     def check(self) -> None:
         """Fail early (before any model work) on data that is missing, unreadable or empty."""
@@ -185,14 +197,41 @@ class TrainingDocuments:
         return self.spec.training_documents()
 
 
-def tokenize_documents(docs: Iterable[str], tokenizer, batch: int = 256) -> Iterator[list[int]]:
-    """Token ids of each document: the tokenizer's special prefix (BOS) if any, then EOS appended."""
-    eos = tokenizer.eos_token_id
-    chunk: list[str] = []
+def shuffled(items: Iterable[T], buffer: int, rng: random.Random) -> Iterator[T]:
+    """`items` in a random order drawn from `rng`, holding at most `buffer` of them at a time.
 
-    def flush() -> Iterator[list[int]]:
-        for ids in tokenizer(chunk, add_special_tokens=True)["input_ids"]:
-            yield list(ids) + ([eos] if eos is not None and (not ids or ids[-1] != eos) else [])
+    The shuffle buffer of `datasets.IterableDataset.shuffle`: fill the buffer, then for each further
+    item yield a uniformly chosen buffered one and put the new item in its place; at the end, yield
+    what is left in a random order. With at most `buffer` items this is a uniform random permutation
+    of all of them; with more, an item moves about `buffer` places from where the source has it.
+    """
+    buf: list[T] = []
+    for item in items:
+        if len(buf) < buffer:
+            buf.append(item)
+            continue
+        i = rng.randrange(buffer)
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def epoch_rng(seed: int, epoch: int) -> random.Random:
+    """The generator of one epoch's document order: its own, so the order depends on (seed, epoch)
+    only, not on anything else that draws random numbers (str seeds hash with SHA-512: stable)."""
+    return random.Random(f"gqa-convert document order, seed {seed}, epoch {epoch}")
+
+
+def tokenize_indexed(docs: Iterable[tuple[int, str]], tokenizer, batch: int = 256) -> Iterator[tuple[int, list[int]]]:
+    """(document id, token ids) of each document: the tokenizer's special prefix (BOS) if any, EOS appended."""
+    eos = tokenizer.eos_token_id
+    chunk: list[tuple[int, str]] = []
+
+    def flush() -> Iterator[tuple[int, list[int]]]:
+        encoded = tokenizer([text for _, text in chunk], add_special_tokens=True)["input_ids"]
+        for (doc_id, _), ids in zip(chunk, encoded):
+            yield doc_id, list(ids) + ([eos] if eos is not None and (not ids or ids[-1] != eos) else [])
 
     for doc in docs:
         chunk.append(doc)
@@ -203,42 +242,77 @@ def tokenize_documents(docs: Iterable[str], tokenizer, batch: int = 256) -> Iter
         yield from flush()
 
 
+def tokenize_documents(docs: Iterable[str], tokenizer, batch: int = 256) -> Iterator[list[int]]:
+    """Token ids of each document: the tokenizer's special prefix (BOS) if any, then EOS appended."""
+    for _, ids in tokenize_indexed(enumerate(docs), tokenizer, batch):
+        yield ids
+
+
+def pack_indexed(
+    token_docs: Iterable[tuple[int, list[int]]], context: int
+) -> Iterator[tuple[list[int], list[int], tuple[int, ...]]]:
+    """`pack_rows` that also names, for each row, the ids of the documents with tokens in it."""
+    ids: list[int] = []
+    pos: list[int] = []
+    docs: list[int] = []
+    for doc_id, doc in token_docs:
+        start = 0
+        while start < len(doc):
+            take = min(len(doc) - start, context - len(ids))
+            ids.extend(doc[start : start + take])
+            pos.extend(range(take))
+            docs.append(doc_id)
+            start += take
+            if len(ids) == context:
+                yield ids, pos, tuple(docs)
+                ids, pos, docs = [], [], []
+
+
 def pack_rows(token_docs: Iterable[list[int]], context: int) -> Iterator[tuple[list[int], list[int]]]:
     """(input_ids, position_ids) rows of exactly `context` tokens; a trailing partial row is dropped.
 
     A document longer than the space left in a row continues in the next row; its positions restart
     at 0 there, because flash-attn's varlen path splits sequences where the position id is 0.
     """
-    ids: list[int] = []
-    pos: list[int] = []
-    for doc in token_docs:
-        start = 0
-        while start < len(doc):
-            take = min(len(doc) - start, context - len(ids))
-            ids.extend(doc[start : start + take])
-            pos.extend(range(take))
-            start += take
-            if len(ids) == context:
-                yield ids, pos
-                ids, pos = [], []
+    for ids, pos, _ in pack_indexed(enumerate(token_docs), context):
+        yield ids, pos
 
 
 class RowStream:
     """The infinite, deterministic stream of packed training rows (cycling over the data).
 
-    `skip(n)` replays past the first n rows, so a resumed run sees exactly the rows it would have.
+    shuffle_buffer 0: the training documents in the source's order, every epoch. shuffle_buffer B > 0:
+    each epoch reads them through `shuffled` with a buffer of B documents and the generator
+    `epoch_rng(seed, epoch)`, so every epoch has its own order, the same for the same seed.
+    Documents are shuffled before tokenising and packing: rows are packed from shuffled documents.
+
+    `skip(n)` replays past the first n rows, so a resumed run sees exactly the rows it would have;
+    every process of a multi-process run builds the same stream. `last_docs`: the ids of the
+    documents in the row `next()` returned last.
     """
 
-    def __init__(self, spec: DataSpec, tokenizer, context: int):
+    def __init__(self, spec: DataSpec, tokenizer, context: int, *, shuffle_buffer: int = 0, seed: int = 0):
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, not {shuffle_buffer}")
         self.spec, self.tokenizer, self.context = spec, tokenizer, context
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.epoch = 0
         self.rows_read = 0
+        self.last_docs: tuple[int, ...] = ()
         self._it = self._rows()
 
-    def _rows(self) -> Iterator[tuple[list[int], list[int]]]:
+    def epoch_documents(self, epoch: int) -> Iterator[tuple[int, str]]:
+        """(document id, text) of the training documents in the order epoch `epoch` reads them."""
+        docs = self.spec.indexed_training_documents()
+        if self.shuffle_buffer:
+            return shuffled(docs, self.shuffle_buffer, epoch_rng(self.seed, epoch))
+        return docs
+
+    def _rows(self) -> Iterator[tuple[list[int], list[int], tuple[int, ...]]]:
         while True:
             n = 0
-            for row in pack_rows(tokenize_documents(self.spec.training_documents(), self.tokenizer), self.context):
+            token_docs = tokenize_indexed(self.epoch_documents(self.epoch), self.tokenizer)
+            for row in pack_indexed(token_docs, self.context):
                 n += 1
                 yield row
             if n == 0:
@@ -250,7 +324,8 @@ class RowStream:
 
     def next(self) -> tuple[list[int], list[int]]:
         self.rows_read += 1
-        return next(self._it)
+        ids, pos, self.last_docs = next(self._it)
+        return ids, pos
 
     def skip(self, n: int) -> None:
         for _ in range(n):

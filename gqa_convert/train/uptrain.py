@@ -8,15 +8,22 @@ One optimizer step consumes `batch_size * grad_accum * processes` rows of exactl
 divided by its number of target tokens, so 1 process with batch 4 and 2 processes with batch 2
 take the same step. Runs under `accelerate launch` (DDP, FSDP) through `accelerate.Accelerator`.
 
+The training documents are shuffled with the seed (data.RowStream: a seeded shuffle buffer, a new
+order each epoch) unless `shuffle` is off. At `eval_steps` the model is scored on the first
+`eval_docs` held-out documents with evaluate.document_loss; the result goes into that step's line of
+metrics.jsonl (`eval_loss`, `eval_slice`) and, with `report_to`, to an accelerate tracker.
+
 Output folder: the final model (safetensors, config, tokenizer; loads with
 AutoModelForCausalLM.from_pretrained), metrics.jsonl, loss_curve.png, heldout.jsonl (the held-out
 documents, never trained on), uptrain_config.json (the settings a --resume must match),
-uptrain.json (records.UptrainRecord: what ran and what it measured), and checkpoint/ (trainable
-weights as safetensors; optimizer, scheduler and RNG via torch.save, loaded with weights_only=True).
+uptrain.json (records.UptrainRecord: what ran and what it measured), checkpoint/ (trainable
+weights as safetensors; optimizer, scheduler and RNG via torch.save, loaded with weights_only=True),
+and with --report-to tensorboard, tensorboard/ (event files).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -26,12 +33,12 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
 from ..errors import CheckpointError, ConfigError, GqaConvertError, OutputError, SourceNotFoundError
-from ..fileio import write_json_atomic
+from ..fileio import share_modes, write_json_atomic
 from ..records import ConversionRecord, UptrainRecord
 from ..settings import UptrainConfig, UptrainSettings, command_line, data_spec
 from .backend import choose_attention
@@ -42,6 +49,11 @@ from .schedule import wsd_factor
 CKPT, CKPT_TMP, CKPT_OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 CONFIG_FILE = "uptrain_config.json"  # the run's settings, written at its start: what --resume must match
 KILL_ENV = "GQA_CONVERT_KILL_AFTER_STEP"  # test hook: SIGKILL this process after step k
+TRACE_ENV = "GQA_CONVERT_TRACE_DOCS"  # test hook: append each step's document ids (JSON lines) to this file
+EVAL_POINTS = 5  # held-out evaluations of a run without eval_every: evenly spaced, the last at the end
+TRACKER_DIR = "tensorboard"  # OUTPUT/tensorboard/: the tensorboard event files
+# The package each --report-to needs (any one of them), and the extra that brings it.
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",)}
 # Fields that define the run; a resumed run must agree on all of them.
 RUN_FIELDS = (
     "model",
@@ -67,7 +79,13 @@ RUN_FIELDS = (
     "heldout_docs",
     "train_start",
     "seed",
+    "shuffle",
+    "shuffle_buffer",  # compared only when shuffling
+    "eval_docs",  # the held-out curve of a resumed run is one curve
 )
+# What a run whose uptrain_config.json predates a field did (its order was the file order); fields
+# missing from an older config and not listed here are not compared.
+LEGACY_RUN_FIELDS = {"shuffle": False}
 
 
 @dataclass
@@ -81,6 +99,9 @@ class UptrainResult:
     heldout_docs: int
     resumed_from: int = 0  # step the run resumed from (0: fresh)
     losses: list[float] = field(default_factory=list)
+    eval_loss: Optional[float] = None  # held-out loss at the last evaluation (the final step's)
+    eval_slice: Optional[str] = None  # which documents it scored, e.g. "documents[0:50]"
+    evals: list[dict] = field(default_factory=list)  # every evaluation: step, tokens, eval_loss
 
 
 # ----------------------------------------------------------------------------- checks before work
@@ -150,6 +171,29 @@ def check_context(model_config, context: int) -> None:
         )
 
 
+def check_tracker(report_to: str) -> None:
+    """--report-to names a tracker whose package is installed (or none)."""
+    if report_to == "none":
+        return
+    packages = TRACKER_PACKAGES[report_to]
+    if not any(importlib.util.find_spec(p) is not None for p in packages):
+        raise ConfigError(
+            f"--report-to {report_to} needs the {packages[0]} package: pip install 'gqa-convert[{report_to}]' "
+            f"(or pip install {packages[0]}), or use --report-to none"
+        )
+
+
+def eval_steps(total_steps: int, every: Optional[int], points: int = EVAL_POINTS) -> list[int]:
+    """The steps after which the held-out documents are scored: every `every` steps and the last
+    one; or, without `every`, `points` evenly spaced steps ending at the last (fewer if the run is
+    shorter)."""
+    if every:
+        steps = set(range(every, total_steps + 1, every))
+    else:
+        steps = {max(1, (total_steps * k + points // 2) // points) for k in range(1, points + 1)}
+    return sorted(steps | {total_steps})
+
+
 def validate(cfg: UptrainConfig, world: int = 1):
     """Every check that needs no model weights; returns (attn, model config, data spec, steps)."""
     from transformers import AutoConfig
@@ -165,6 +209,7 @@ def validate(cfg: UptrainConfig, world: int = 1):
             )
         if cfg.distill_weight > 0:
             raise ConfigError("--loss-impl liger has no distillation KL; use --loss-impl chunked with --distill-weight")
+    check_tracker(cfg.report_to)
     try:
         mcfg = AutoConfig.from_pretrained(cfg.model)
     except (OSError, ValueError) as err:
@@ -181,6 +226,8 @@ def validate(cfg: UptrainConfig, world: int = 1):
     if cfg.resume:
         if not (out / CKPT).is_dir() and not (out / CKPT_OLD).is_dir():
             raise OutputError(f"--resume: no checkpoint in {out}; run without --resume to start")
+        _read_run_config(out)
+        _check_checkpoint(out)
     elif out.exists() and any(out.iterdir()):
         raise OutputError(
             f"--output {out} exists and is not empty; pass --resume to continue that run or choose a new folder"
@@ -249,6 +296,7 @@ def save_checkpoint(out: Path, accelerator, model, optimizer, scheduler, state: 
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        share_modes(tmp)
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
@@ -288,29 +336,88 @@ def load_checkpoint(out: Path, accelerator, model, optimizer, scheduler) -> dict
 # ----------------------------------------------------------------------------- outputs
 
 
+def smoothed(values: Sequence[float], span: float) -> list[float]:
+    """Bias-corrected exponential moving average (TensorBoard's smoothing): weight 1 - 1/span per
+    step, divided by 1 - weight**n so the first points are not pulled towards 0."""
+    beta = 1.0 - 1.0 / max(span, 1.0)
+    out, avg = [], 0.0
+    for n, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**n) if beta > 0 else v)
+    return out
+
+
+def smoothing_span(steps: int) -> float:
+    """The EMA span of the loss plot: 10 steps, or 2% of the run when that is longer."""
+    return max(10.0, steps / 50)
+
+
 def plot_curve(metrics: Path, png: Path) -> None:
-    """Training loss (and LR) against tokens, from metrics.jsonl."""
+    """The training objective and the held-out loss against tokens, from metrics.jsonl.
+
+    Drawn: each step's training cross-entropy (and KL(source || model) when distilling) as a faint
+    line and as its exponential moving average (`smoothed`, span `smoothing_span`); the held-out loss
+    at each evaluation (markers, not smoothed); the learning rate (grey, right axis).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = [r for r in _read_metrics(metrics) if "loss" in r]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([r["tokens"] for r in rows], [r["loss"] for r in rows], lw=1, label="train loss")
+    span = smoothing_span(len(rows))
+    tokens = [r["tokens"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    series = [("loss", "train CE", "C0")]
+    if any("kl" in r for r in rows):
+        series.append(("kl", "train KL(source || model)", "C2"))
+    for key, label, color in series:
+        pts = [(r["tokens"], r[key]) for r in rows if key in r]
+        xs, ys = [x for x, _ in pts], [y for _, y in pts]
+        ax.plot(xs, ys, color=color, lw=0.6, alpha=0.3)
+        ax.plot(xs, smoothed(ys, span), color=color, lw=1.6, label=f"{label} (EMA, span {span:g} steps)")
+    evals = [r for r in rows if "eval_loss" in r]
+    if evals:
+        where = evals[-1].get("eval_slice", "held-out")
+        ax.plot(
+            [r["tokens"] for r in evals],
+            [r["eval_loss"] for r in evals],
+            color="C3",
+            lw=1.4,
+            marker="o",
+            ms=4,
+            label=f"held-out loss ({where}, {evals[-1].get('eval_docs', '?')} docs)",
+        )
     ax.set_xlabel("training tokens")
     ax.set_ylabel("loss (nats/token)")
+    ax.set_xlim(0, max(tokens) * 1.01)
     ax2 = ax.twinx()
-    ax2.plot([r["tokens"] for r in rows], [r["lr"] for r in rows], color="grey", lw=0.8, ls="--")
+    ax2.plot(tokens, [r["lr"] for r in rows], color="grey", lw=0.8, ls="--")
     ax2.set_ylabel("learning rate", color="grey")
+    ax.legend(fontsize=7, loc="upper right")
     ax.set_title("gqa-convert uptrain")
     fig.tight_layout()
     tmp = png.with_name(png.stem + ".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(png)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """The lines of metrics.jsonl that parse (a line cut short by a kill is left out)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
@@ -339,9 +446,12 @@ def save_final(out: Path, model, tokenizer, dtype: torch.dtype, lora: bool, sour
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    if source is not None and (Path(source) / "gqa_convert.json").is_file():
-        # The conversion record (source, heads, merge method) stays with the model it describes.
-        shutil.copyfile(Path(source) / "gqa_convert.json", tmp / "gqa_convert.json")
+    # The conversion record (source, heads, merge method) stays with the model it describes, and a
+    # sentencepiece tokenizer.model (llama.cpp's converter reads it), which save_pretrained drops.
+    for name in ("gqa_convert.json", "tokenizer.model"):
+        if source is not None and (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, tmp / name)
+    share_modes(tmp)  # safetensors writes 0600: a served model must be readable by others
     for f in sorted(tmp.iterdir()):
         os.replace(f, out / f.name)
     tmp.rmdir()
@@ -365,7 +475,13 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
     attn, mcfg, spec, total_steps = validate(cfg, world)
     out = Path(cfg.output)
     cuda = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
+    tracking = cfg.report_to != "none"
+    accelerator = Accelerator(
+        mixed_precision="bf16" if cuda else "no",
+        cpu=not cuda,
+        log_with=cfg.report_to if tracking else None,
+        project_dir=str(out) if tracking else None,
+    )
     main = accelerator.is_main_process
     accelerator.wait_for_everyone()  # every rank has validated the output folder before rank 0 writes to it
     if accelerator.num_processes != world:  # WORLD_SIZE unset under some launchers
@@ -387,12 +503,11 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
         write_json_atomic(out / CONFIG_FILE, cfg.model_dump(mode="json"))
         write_heldout(spec, out / "heldout.jsonl")
     if cfg.resume:
-        saved = _read_run_config(out)
-        now = cfg.model_dump(mode="json")
-        diff = [k for k in RUN_FIELDS if saved.get(k) != now.get(k)]
+        diff = run_differences(_read_run_config(out), cfg.model_dump(mode="json"))
         if diff:
             raise ConfigError(f"--resume with different settings ({', '.join(diff)}); use the original ones")
     accelerator.wait_for_everyone()
+    eval_docs, eval_slice, eval_at = _eval_plan(cfg, spec, tokenizer, total_steps, log)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -438,7 +553,15 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
     )
 
     rows_per_step = cfg.batch_size * cfg.grad_accum * world
-    stream = RowStream(spec, tokenizer, cfg.context)
+    stream = RowStream(
+        spec, tokenizer, cfg.context, shuffle_buffer=cfg.shuffle_buffer if cfg.shuffle else 0, seed=cfg.seed
+    )
+    log(
+        f"uptrain: training documents shuffled (seed {cfg.seed}, a new order each epoch, "
+        f"buffer of {cfg.shuffle_buffer:,} documents)"
+        if cfg.shuffle
+        else "uptrain: training documents in the order of the source (--no-shuffle)"
+    )
     start, tokens_done, elapsed_before = 0, 0, 0.0
     if cfg.resume:
         try:
@@ -456,15 +579,24 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
             _trim_metrics(out / "metrics.jsonl", start)
         log(f"uptrain: resumed at step {start} of {total_steps}")
 
+    if tracking:
+        _init_tracker(accelerator, cfg, out, start)
     metrics_path = out / "metrics.jsonl"
+    trace = os.environ.get(TRACE_ENV) if main else None
     bar = tqdm(total=total_steps, initial=start, disable=not (main and cfg.progress), unit="step", dynamic_ncols=True)
     model.train()
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
     losses: list[float] = []
+    evals: list[dict] = []
+    last_eval: Optional[float] = None
     t_run = time.perf_counter()
     for step in range(start, total_steps):
         t0 = time.perf_counter()
-        global_rows = [stream.next() for _ in range(rows_per_step)]
+        done = step + 1
+        global_rows, row_docs = [], []
+        for _ in range(rows_per_step):
+            global_rows.append(stream.next())
+            row_docs.append(list(stream.last_docs))
         # The number of targets in the whole global batch normalises every micro-batch's loss sum.
         n_targets = int((collate(global_rows)["labels"][:, 1:] != IGNORE).sum())
         scale = accelerator.num_processes / n_targets  # DDP/FSDP average gradients over processes
@@ -499,9 +631,13 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
         tokens_done += step_tokens
         dt = time.perf_counter() - t0
         losses.append(ce_mean)
+        ev = _evaluate(model, tokenizer, eval_docs, cfg, accelerator) if done in eval_at else None
+        if ev is not None:
+            last_eval = ev.mean_loss
+            evals.append({"step": done, "tokens": tokens_done, "eval_loss": ev.mean_loss})
         if main:
             rec = {
-                "step": step + 1,
+                "step": done,
                 "tokens": tokens_done,
                 "loss": round(ce_mean, 6),
                 "lr": lr_used,
@@ -512,11 +648,39 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
             }
             if teacher is not None:
                 rec["kl"] = round(kl_mean, 6)
+            if ev is not None:
+                rec.update(
+                    eval_loss=round(ev.mean_loss, 6),
+                    eval_tokens=ev.tokens,
+                    eval_docs=ev.documents,
+                    eval_slice=eval_slice,
+                )
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
-            bar.set_postfix(loss=f"{ce_mean:.4f}", tok_s=f"{step_tokens / dt:,.0f}", refresh=False)
+            if trace:
+                with open(trace, "a") as fh:
+                    fh.write(json.dumps({"step": done, "docs": row_docs}) + "\n")
+            shown = {"loss": f"{ce_mean:.4f}", "tok_s": f"{step_tokens / dt:,.0f}"}
+            if teacher is not None:
+                shown["kl"] = f"{kl_mean:.4f}"
+            if last_eval is not None:
+                shown["eval"] = f"{last_eval:.4f}"
+            bar.set_postfix(shown, refresh=False)
             bar.update(1)
-        done = step + 1
+        if tracking:
+            values = {
+                "train/loss": ce_mean,
+                "train/lr": lr_used,
+                "train/grad_norm": float(grad_norm),
+                "train/tokens_per_s": step_tokens / dt,
+                "train/tokens": tokens_done,
+                "train/epoch": stream.epoch,
+            }
+            if teacher is not None:
+                values["train/kl"] = kl_mean
+            if ev is not None:
+                values["eval/loss"] = ev.mean_loss
+            accelerator.log(values, step=done)
         if done % cfg.save_every == 0 or done == total_steps:
             save_checkpoint(
                 out,
@@ -544,7 +708,12 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
         final_model = _unwrap(accelerator, model)
         save_final(out, final_model, tokenizer, _source_dtype(mcfg), cfg.lora, source=Path(cfg.model))
         plot_curve(metrics_path, out / "loss_curve.png")
-    all_losses = [json.loads(x)["loss"] for x in metrics_path.read_text().splitlines() if x.strip()] if main else losses
+    if main:
+        rows = _read_metrics(metrics_path)
+        all_losses = [r["loss"] for r in rows if "loss" in r]
+        evals = [{k: r[k] for k in ("step", "tokens", "eval_loss")} for r in rows if "eval_loss" in r]
+    else:
+        all_losses = losses
     result = UptrainResult(
         output=out,
         steps=total_steps,
@@ -555,12 +724,139 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
         heldout_docs=spec.heldout,
         resumed_from=start,
         losses=all_losses,
+        eval_loss=evals[-1]["eval_loss"] if evals else None,
+        eval_slice=eval_slice if evals else None,
+        evals=evals,
     )
     if main:
         _record(cfg, result, spec).write(out)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def _check_checkpoint(out: Path) -> None:
+    """A damaged checkpoint is found before any model is loaded: its state.json parses, the
+    safetensors header and the optimizer archives are whole."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    folder = out / CKPT if (out / CKPT / "state.json").is_file() else out / CKPT_OLD
+    try:
+        json.loads((folder / "state.json").read_text())
+        with safe_open(str(folder / "trainable.safetensors"), "pt") as f:
+            for name in f.keys():
+                f.get_slice(name)  # reads the header; a truncated file fails here or below
+        size = (folder / "trainable.safetensors").stat().st_size
+        with open(folder / "trainable.safetensors", "rb") as fh:
+            header = int.from_bytes(fh.read(8), "little")
+            meta = json.loads(fh.read(header))
+        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+        if 8 + header + end > size:
+            raise ValueError("trainable.safetensors is shorter than its header says")
+        for opt in folder.glob("optimizer.rank*.pt"):
+            with zipfile.ZipFile(opt) as z:
+                if z.testzip() is not None:
+                    raise ValueError(f"{opt.name} is corrupt")
+    except Exception as err:  # any damage: one line, before any work
+        raise CheckpointError(
+            f"--resume: the checkpoint in {out} is damaged ({type(err).__name__}: {str(err)[:80]}); start "
+            "over in a new --output (or delete its checkpoint/ folder to resume from checkpoint.old/)"
+        ) from None
+
+
+def run_differences(saved: dict, now: dict) -> list[str]:
+    """The RUN_FIELDS on which a run's saved settings and a resume's settings differ."""
+    saved = {**LEGACY_RUN_FIELDS, **saved}
+    diff = []
+    for k in RUN_FIELDS:
+        if k not in saved:
+            continue  # a field added after the run started, with no effect on what it did
+        if k == "shuffle_buffer" and not (saved.get("shuffle") or now.get("shuffle")):
+            continue
+        if saved.get(k) != now.get(k):
+            diff.append(k)
+    return diff
+
+
+def _eval_plan(cfg: UptrainConfig, spec, tokenizer, total_steps: int, log) -> tuple[list[str], str, set[int]]:
+    """(held-out documents to score, their name, the steps after which to score them)."""
+    import itertools
+
+    n = min(cfg.eval_docs, spec.heldout)
+    why = None
+    if cfg.eval_docs and not spec.heldout:
+        why = "--heldout-docs 0 sets no documents aside"
+    elif n and tokenizer.bos_token_id is None:
+        why = "the tokenizer has no BOS token, which evaluate.document_loss prefixes to every document"
+    if why or not n:
+        if why:
+            log(f"uptrain: no held-out evaluation: {why}")
+        return [], "", set()
+    docs = list(itertools.islice(spec.documents(), n))  # the first n of the held-out slice (heldout.jsonl)
+    name = f"documents[0:{n}]"
+    steps = eval_steps(total_steps, cfg.eval_every)
+    shown = ", ".join(map(str, steps[:8])) + (", ..." if len(steps) > 8 else "")
+    log(f"uptrain: held-out loss on {name} (the first {n} of heldout.jsonl) after steps {shown}")
+    return docs, name, set(steps)
+
+
+def _evaluate(model, tokenizer, docs: list[str], cfg: UptrainConfig, accelerator):
+    """evaluate.document_loss of the model being trained on `docs`, at the training context.
+
+    Every process scores all of them (the same forwards, so DDP's buffer sync and FSDP's gathers
+    match); under autocast as in training (bf16 on CUDA, float32 on CPU). Back in train mode after.
+    """
+    from ..evaluate import document_loss
+
+    with accelerator.autocast():
+        result = document_loss(
+            model,
+            tokenizer,
+            docs,
+            max_tokens=cfg.context,
+            batch_size=cfg.batch_size,
+            chunk_tokens=cfg.loss_chunk_tokens,
+        )
+    model.train()
+    return result
+
+
+def _tracker_config(cfg: UptrainConfig) -> dict[str, Any]:
+    """The run's settings for a tracker: scalars only (tensorboard's hparams take nothing else), local
+    paths by their name (a tracker may upload them)."""
+    config: dict[str, Any] = {}
+    for k, v in cfg.model_dump(mode="json").items():
+        if k in ("model", "data", "distill_from", "output"):
+            v = _public(v) if k != "output" else Path(v).name
+        if v is None:
+            continue
+        config[k] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return config
+
+
+def _init_tracker(accelerator, cfg: UptrainConfig, out: Path, start: int) -> None:
+    """accelerate's tracker for --report-to: tensorboard event files in OUTPUT/tensorboard/ (a resumed
+    run purges the steps logged after its checkpoint); wandb offline in OUTPUT/wandb/ unless
+    WANDB_MODE says otherwise; trackio in its local store."""
+    kwargs: dict[str, dict] = {}
+    if cfg.report_to == "tensorboard":
+        project = TRACKER_DIR
+        if start:
+            kwargs["tensorboard"] = {"purge_step": start + 1}
+    else:
+        project = "gqa-convert"
+        if cfg.report_to == "wandb":
+            kwargs["wandb"] = {"dir": str(out), "name": out.name}
+            if "WANDB_MODE" not in os.environ:
+                kwargs["wandb"]["mode"] = "offline"
+        else:
+            kwargs["trackio"] = {"name": out.name, "resume": "allow"}
+    accelerator.init_trackers(project, config=_tracker_config(cfg), init_kwargs=kwargs)
+    where = {"tensorboard": f"{out / TRACKER_DIR}", "wandb": f"{out / 'wandb'}", "trackio": "trackio's local store"}
+    mode = os.environ.get("WANDB_MODE", "offline") if cfg.report_to == "wandb" else ""
+    accelerator.print(f"uptrain: logging to {cfg.report_to}{f' ({mode})' if mode else ''}: {where[cfg.report_to]}")
 
 
 def _read_run_config(out: Path) -> dict:
@@ -604,6 +900,8 @@ def _record(cfg: UptrainConfig, result: UptrainResult, spec) -> UptrainRecord:
         steps=result.steps,
         tokens=result.tokens,
         final_loss=result.final_loss,
+        eval_loss=result.eval_loss,
+        eval_slice=result.eval_slice,
         tokens_per_s=result.tokens_per_s,
         attn_implementation=result.attn_implementation,
         heldout_docs=spec.heldout,
