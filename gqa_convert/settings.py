@@ -477,6 +477,26 @@ class EvalSettings(Settings):
         return sorted({max(2, context // 8), max(2, context // 4), max(2, context // 2), context})
 
 
+class HardwareSettings(Settings):
+    """The recipe's `hardware:` section and `plan`'s flags: what uptraining will run on, for the
+    memory and time planner (gqa_convert.memory; docs/long-context.md)."""
+
+    gpus: int = field(1, "GPUs (processes) uptraining runs on", gt=0, le=65536)
+    gpu_memory: Optional[ByteSize] = field(None, "memory of one GPU, e.g. 80GB (default: report only, no verdict)")
+    sequence_parallel: int = field(
+        1, "sequence-parallel degree (DeepSpeed Ulysses): the context split over this many GPUs", gt=0
+    )
+    sharding: Literal["none", "optimizer", "gradients", "full", "ddp", "zero1", "zero2", "zero3", "fsdp"] = field(
+        "none",
+        "what is sharded over the GPUs: none (DDP), optimizer (ZeRO-1), gradients (ZeRO-2), full (ZeRO-3 / FSDP)",
+    )
+    tokens_per_s: Optional[float] = field(
+        None,
+        "measured training tokens/s of the whole job, for the time estimate (e.g. from a short run's uptrain.json)",
+        gt=0,
+    )
+
+
 class CardSettings(Settings):
     """The recipe's `card:` section: what the model card says beyond the measured numbers."""
 
@@ -537,6 +557,7 @@ class RunSettings(Settings):
     uptrain: "UptrainSection" = Field(default_factory=lambda: UptrainSection(enabled=False))
     verify: VerifySettings = Field(default_factory=VerifySettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    hardware: HardwareSettings = Field(default_factory=HardwareSettings)
     card: CardSettings = Field(default_factory=CardSettings)
     push: Optional[PushSettings] = None
 
@@ -612,6 +633,7 @@ SECTIONS: dict[str, type[Settings]] = {
     "uptrain": UptrainSection,
     "verify": VerifySettings,
     "eval": EvalSettings,
+    "hardware": HardwareSettings,
     "card": CardSettings,
     "push": PushSettings,
 }

@@ -89,6 +89,42 @@ def _base(run: RunSettings) -> dict:
 
 
 # --------------------------------------------------------------------------- plan
+def memory_plan(shape, context: int, up, hw, *, converted_heads: Optional[tuple[int, int]] = None):
+    """gqa_convert.memory's estimate for uptraining with these settings (UptrainSettings,
+    HardwareSettings), on the converted head layout when given."""
+    from .. import train
+    from ..memory import plan_memory
+
+    del train  # (the attention choice below mirrors train.backend: flash when importable, else packed)
+    import importlib.util
+
+    student = shape.with_heads(*converted_heads) if converted_heads else shape
+    attention = {"flash": "flash", "sdpa": "sdpa", "packed": "packed"}.get(up.attn)
+    if attention is None:  # auto
+        attention = "flash" if importlib.util.find_spec("flash_attn") is not None else "packed"
+    ckpt = up.gradient_checkpointing if up.gradient_checkpointing is not None else True
+    return plan_memory(
+        student,
+        context,
+        gpus=hw.gpus,
+        gpu_memory=hw.gpu_memory,
+        train=up.train,
+        lora=up.lora,
+        lora_rank=up.lora_rank,
+        sequence_parallel=hw.sequence_parallel,
+        sharding=hw.sharding,
+        batch_size=up.batch_size,
+        grad_accum=up.grad_accum,
+        gradient_checkpointing=ckpt,
+        distill=up.distill_weight > 0,
+        teacher=shape if up.distill_weight > 0 else None,
+        attention=attention,
+        chunk_tokens=up.loss_chunk_tokens,
+        tokens_per_s=hw.tokens_per_s,
+        tokens=up.tokens,
+    )
+
+
 class PlanOutputs(BaseModel):
     kv_heads: int
     recommended_kv_heads: int
@@ -101,6 +137,7 @@ class PlanStage(Stage):
     def inputs(self, run: RunSettings) -> dict:
         return {
             **_base(run),
+            "hardware": run.hardware.model_dump(),
             "context": run.context,
             "kv_heads": run.kv_heads,
             "q_heads": run.q_heads,
@@ -130,6 +167,20 @@ class PlanStage(Stage):
         kv = p.recommended.kv_heads if r.kv_heads == "auto" else int(r.kv_heads)
         if r.kv_heads == "auto":
             ctx.log(f"[plan] --kv-heads auto: the law recommends {kv} KV heads at T={r.context}")
+        if r.uptrain.enabled:  # will uptraining fit the hardware? (gqa_convert.memory)
+            from ..law.shapes import shape_from_config
+            from ..memory import format_memory_plan
+
+            shape = shape_from_config(read_config(ctx.source_dir(config_only=True)))
+            mp = memory_plan(shape, r.context, r.uptrain, r.hardware, converted_heads=(r.q_heads or shape.n_heads, kv))
+            write_json_atomic(out / "memory.json", mp.to_dict())
+            ctx.log(format_memory_plan(mp))
+            if mp.fits is False:
+                fix = mp.advice[0].text if mp.advice else "more GPUs or memory"
+                ctx.log(
+                    f"[plan] warning: uptraining needs {mp.total_bytes / 2**30:.1f} GiB per GPU, more than "
+                    f"hardware.gpu_memory allows; {fix}"
+                )
         return PlanOutputs(kv_heads=kv, recommended_kv_heads=p.recommended.kv_heads, plan=str(out / "plan.json"))
 
 
