@@ -191,8 +191,11 @@ def convert_checkpoint(
     n_q = _check_q_heads(family, old, kv_heads, q_heads, q_method, calib_data)
     check_output(output, src, overwrite)
     if "auto_map" in config:
-        print(f"convert: {Path(str(source)).name} carries custom code (auto_map); the output is the stock "
-              f"{family.name} class, without it", file=sys.stderr)
+        print(
+            f"convert: {Path(str(source)).name} carries custom code (auto_map); the output is the stock "
+            f"{family.name} class, without it",
+            file=sys.stderr,
+        )
     FolderLock(output).probe()  # another run writing it: fail now, not after calibrating
     if isinstance(method, str) and method not in METHODS:
         _merge_module(method)  # fail now, not after a download

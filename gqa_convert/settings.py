@@ -94,6 +94,7 @@ ContextLength = Annotated[int, BeforeValidator(_context)]
 TokenCount = Annotated[int, BeforeValidator(_counter("50M, 2B or 1e9", binary_k=False))]
 ByteSize = Annotated[str, BeforeValidator(_byte_size)]
 KvHeads = Annotated[Union[int, Literal["auto"]], BeforeValidator(_kv_heads)]
+QHeads = Annotated[Union[int, Literal["auto"]], BeforeValidator(_kv_heads)]  # "auto": with kv_heads auto
 RepoId = Annotated[str, BeforeValidator(_repo_id)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
@@ -540,11 +541,10 @@ class RunSettings(Settings):
     kv_heads: KvHeads = field(
         ..., "new KV-head count (must divide the old one), or 'auto' for the law's recommendation at --context"
     )
-    q_heads: Optional[int] = field(
+    q_heads: Optional[QHeads] = field(
         None,
-        "new query-head count (default: unchanged); a multiple of the KV-head "
-        "count that divides the old one (docs/query-heads.md)",
-        gt=0,
+        "new query-head count (default: unchanged): a multiple of the KV-head count that divides the old one, "
+        "or auto with --kv-heads auto (the law's joint recommendation; docs/query-heads.md)",
     )
     context: ContextLength = field(..., "target context length, e.g. 8K, 128K, 131072")
     run_dir: str = field(..., "run folder", min_length=1)
@@ -563,6 +563,8 @@ class RunSettings(Settings):
 
     @model_validator(mode="after")
     def _cross_stage(self):
+        if self.q_heads == "auto" and self.kv_heads != "auto":
+            raise ValueError("q_heads auto needs kv_heads auto: the law recommends both counts together")
         up = self.uptrain
         if up.enabled:
             if up.data is None:

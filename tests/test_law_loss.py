@@ -111,17 +111,20 @@ def test_fit_cli_csv_and_json(tmp_path, capsys):
     assert "no coefficients for n_h=16" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("text,match", [
-    ("N,n_h,loss\n1e6,4,3.0\n", "missing column 'n_kv'"),
-    ("N,n_h,n_kv,loss\nabc,4,2,3.0\n", "not a number"),
-    ("N,n_h,n_kv,loss\n1e6,4,3,3.0\n", "n_kv dividing n_h"),
-    ("N,n_h,n_kv,loss\n-1e6,4,2,3.0\n", "positive parameter count"),
-    ("N,n_h,n_kv,loss\n1e6,4,2,3.0\n2e6,4,2,2.9\n", "cannot fit"),
-    ("N,n_h,n_kv,loss\n1e6,4,2,3.0\n2e6,4,2,2.9\n3e6,4,2,2.8\n4e6,4,2,2.7\n1e6,8,8,3\n", "fewer than 2 runs"),
-    ("[{\"N\": 1e6,", "not valid JSON"),
-    ("{\"runs\": 5}", "JSON list"),
-    ("N,n_h,n_kv,loss\n", "no runs"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("N,n_h,loss\n1e6,4,3.0\n", "missing column 'n_kv'"),
+        ("N,n_h,n_kv,loss\nabc,4,2,3.0\n", "not a number"),
+        ("N,n_h,n_kv,loss\n1e6,4,3,3.0\n", "n_kv dividing n_h"),
+        ("N,n_h,n_kv,loss\n-1e6,4,2,3.0\n", "positive parameter count"),
+        ("N,n_h,n_kv,loss\n1e6,4,2,3.0\n2e6,4,2,2.9\n", "cannot fit"),
+        ("N,n_h,n_kv,loss\n1e6,4,2,3.0\n2e6,4,2,2.9\n3e6,4,2,2.8\n4e6,4,2,2.7\n1e6,8,8,3\n", "fewer than 2 runs"),
+        ('[{"N": 1e6,', "not valid JSON"),
+        ('{"runs": 5}', "JSON list"),
+        ("N,n_h,n_kv,loss\n", "no runs"),
+    ],
+)
 def test_malformed_runs(tmp_path, text, match, capsys):
     p = tmp_path / "runs.txt"
     p.write_text(text)
@@ -130,3 +133,53 @@ def test_malformed_runs(tmp_path, text, match, capsys):
     assert main(["law", "fit", str(p)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gqa-convert: error:") and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- the grid form (shipped)
+def test_grid_law_reads_its_lattice_and_interpolates_between():
+    law = load_law()
+    assert law.form == "grid" and law.continuous and law.max_heads == 64
+    assert set(law.grid) == set(candidates(64))
+    for (h, k), (log_a, b) in law.grid.items():  # lattice points exactly: A_H = (a_H/1e9)^b_H
+        a, bb = law.coefficients(h, k)
+        assert bb == b and bb * np.log(a / 1e9) == pytest.approx(log_a, rel=1e-12, abs=1e-15)
+    # bilinear in (log2 n_h, log2 n_kv): 48 heads sit log2(1.5) of the way from 32 to 64
+    w = np.log2(48) - 5
+    (u32, b32), (u64, b64) = law.grid[(32, 8)], law.grid[(64, 8)]
+    a48, b48 = law.coefficients(48, 8)
+    assert b48 == pytest.approx((1 - w) * b32 + w * b64, rel=1e-12)
+    assert b48 * np.log(a48 / 1e9) == pytest.approx((1 - w) * u32 + w * u64, rel=1e-12)
+    # n_kv above n_h reads as n_kv = n_h; counts above the lattice as its largest (with a note)
+    assert law.loss(1e9, 8, 16) == law.loss(1e9, 8, 8)
+    assert law.loss(1e9, 128, 8) == law.loss(1e9, 64, 8)
+    assert any("lattice" in n for n in law.extrapolation_notes(1e9, 128, 8))
+    # arrays broadcast
+    grid = law.loss(np.array([[1e8], [1e9]]), np.array([12, 24, 32]), 4)
+    assert grid.shape == (2, 3) and np.all(np.diff(grid, axis=1) < 0)
+
+
+def test_grid_law_file_errors(tmp_path):
+    d = load_law().to_dict()
+    d["grid"] = [r for r in d["grid"] if (r["n_heads"], r["n_kv"]) != (16, 2)]
+    with pytest.raises(ConfigError, match=r"missing \(16,2\)"):
+        LossLaw.from_dict(d)
+    d = load_law().to_dict()
+    d["grid"][3]["b"] = -0.1
+    with pytest.raises(ConfigError, match="positive"):
+        LossLaw.from_dict(d)
+    with pytest.raises(ConfigError, match="form"):
+        LossLaw(E=2.0, form="lattice")
+
+
+def test_logistic_exponent_and_scaled_variables_round_trip(tmp_path):
+    """The smooth form's options used by law-calibration.md's law: b_H = lo + (hi − lo)·σ(poly), and
+    x, y centred and scaled."""
+    law = LossLaw(E=1.9, log_A={"1": -0.3, "x": -0.05}, b={"1": -1.0, "y": 0.1}, b_link="logistic",
+                  b_range=(0.05, 0.6), variables=(2.5, 2.5))  # fmt: skip
+    a, b = law.coefficients(32, 8)
+    y = (3 - 2.5) / 2.5
+    assert b == pytest.approx(0.05 + 0.55 / (1 + np.exp(-(-1.0 + 0.1 * y))), rel=1e-12)
+    again = load_law(save_law(law, tmp_path / "logistic.yaml"))
+    assert again.loss(3e8, 16, 4) == pytest.approx(law.loss(3e8, 16, 4), rel=1e-12)
+    with pytest.raises(ConfigError, match="b_link"):
+        LossLaw(E=2.0, log_A={"1": 0.0}, b={"1": 0.3}, b_link="tanh")

@@ -12,14 +12,25 @@ import pytest
 from gqa_convert.commands import main
 from gqa_convert.law.loss import CONVERSION_LAW, DESIGN_LAW, candidates, load_law
 from gqa_convert.law.recipe import (
-    LLAMA3_REFERENCE, TABLE4, TABLE4_CONTEXTS, TABLE4_LOSSES, TABLE7, TABLE9, aspect_ratio, optimize,
-    params_of, solve_layers, table, table4_match,
+    LLAMA3_REFERENCE,
+    TABLE4,
+    TABLE4_CONTEXTS,
+    TABLE4_LOSSES,
+    TABLE7,
+    TABLE9,
+    aspect_ratio,
+    optimize,
+    params_of,
+    solve_layers,
+    table,
+    table4_match,
 )
 from gqa_convert.law.shapes import ModelShape
 
-# What the monotone calibration reaches (docs/law.md): exact cells, cells more than one doubling off.
-DEFAULT_LAW_CELLS = 13
-DEFAULT_LAW_FAR = 1
+# What the shipped law reaches (docs/law.md): exact cells, cells more than one doubling off. Issue 16
+# asks for at least 24 and none; the calibration in ../shared/reference/law-calibration.md had 26 and 1.
+DEFAULT_LAW_CELLS = 29
+DEFAULT_LAW_FAR = 0
 
 
 def test_candidates_are_the_papers_21():
@@ -39,30 +50,39 @@ def test_shape_search_recovers_predefined_shapes():
 
 def _print_grid(grid, name):
     print(f"\nTable 4 cells reproduced exactly by {name}: {table4_match(grid)}/40")
-    for i, l in enumerate(TABLE4_LOSSES):
-        print(f"  {l:<5}", "  ".join(f"{h:>2},{k:<2}{' ' if (h, k) == TABLE4[l][j] else '*'}" for j, (h, k) in enumerate(grid[i])))
+    for i, loss in enumerate(TABLE4_LOSSES):
+        print(
+            f"  {loss:<5}",
+            "  ".join(f"{h:>2},{k:<2}{' ' if (h, k) == TABLE4[loss][j] else '*'}" for j, (h, k) in enumerate(grid[i])),
+        )
 
 
 def _far_cells(grid) -> list:
-    return [(l, TABLE4_CONTEXTS[j], (h, k), TABLE4[l][j]) for i, l in enumerate(TABLE4_LOSSES) for j, (h, k) in enumerate(grid[i])
-            if abs(math.log2(h / TABLE4[l][j][0])) > 1 or abs(math.log2(k / TABLE4[l][j][1])) > 1]
+    return [
+        (loss, TABLE4_CONTEXTS[j], (h, k), TABLE4[loss][j])
+        for i, loss in enumerate(TABLE4_LOSSES)
+        for j, (h, k) in enumerate(grid[i])
+        if abs(math.log2(h / TABLE4[loss][j][0])) > 1 or abs(math.log2(k / TABLE4[loss][j][1])) > 1
+    ]
 
 
 def test_table4_reproduction_of_the_design_law():
-    """The law `law optimize` / `law table` use by default (`shipped:table4`): the paper's Table 4."""
+    """The law `law optimize` / `law table` use by default: the paper's Table 4."""
     grid = table()  # default: DESIGN_LAW
-    _print_grid(grid, "shipped:table4 (the default of law optimize/table)")
+    _print_grid(grid, "the shipped law (the default of law optimize/table)")
     assert table4_match(grid) >= 28
     assert _far_cells(grid) == []
 
 
 def test_table4_reproduction_default_law():
-    """The shipped, monotone law: the constraint costs Table 4 cells (docs/law.md); the floor below is
-    what the calibration reaches, so a regression shows."""
+    """One law for both jobs (issue 16): the monotone law of plan/verify IS the design law, and it
+    reproduces at least 24/40 cells (floor: what the calibration reaches, so a regression shows),
+    every cell within one doubling of n_h and n_kv."""
+    assert DESIGN_LAW == CONVERSION_LAW == "shipped:default"
     grid = table(load_law(CONVERSION_LAW))
     _print_grid(grid, "the shipped monotone law (the default of plan/verify)")
-    assert table4_match(grid) >= DEFAULT_LAW_CELLS
-    assert len(_far_cells(grid)) <= DEFAULT_LAW_FAR
+    assert table4_match(grid) >= max(24, DEFAULT_LAW_CELLS)
+    assert len(_far_cells(grid)) == DEFAULT_LAW_FAR == 0
 
 
 def _violations(grid) -> list[str]:
@@ -90,9 +110,12 @@ def test_trends_hold_on_table4_and_wide_grids():
 def test_trends_hold_on_a_fine_grid():
     losses = list(np.round(np.arange(3.3, 2.279, -0.01), 4))
     contexts = sorted({int(2048 * 2 ** (i / 4)) for i in range(33)})
-    bad = _violations(table(load_law(CONVERSION_LAW), losses=losses, contexts=contexts))
-    print(f"\ntrend violations on a {len(losses)}x{len(contexts)} grid: {len(bad)}", *bad[:10], sep="\n  ")
-    assert bad == []  # the monotone law has none (the unconstrained `shipped:table4` has 8: two narrow pockets)
+    for name in (CONVERSION_LAW, DESIGN_LAW):
+        bad = _violations(table(load_law(name), losses=losses, contexts=contexts))
+        print(
+            f"\ntrend violations of {name} on a {len(losses)}x{len(contexts)} grid: {len(bad)}", *bad[:10], sep="\n  "
+        )
+        assert bad == []  # the shipped law has none (the retired `shipped:table4` has 8: two narrow pockets)
 
 
 @pytest.mark.parametrize("name", [None, "shipped:table4"])
@@ -103,6 +126,10 @@ def test_llama3_reference_losses(name):
         pred = law.loss(s.non_embedding_params, s.n_heads, s.n_kv)
         print(f"Llama-3 {key}: predicted {pred:.4f}, paper {ref}")
         assert abs(pred - ref) <= 0.02
+        if name is None:  # the shipped law also under the other reading of "the 1B/3B/8B scale": N = 12·L·d²
+            label = law.loss(12 * L * d * d, d // 64, 8)
+            print(f"Llama-3 {key} at N = 12·L·d²: predicted {label:.4f}")
+            assert abs(label - ref) <= 0.02
 
 
 def test_optimize_beats_llama3_heads_at_long_context():
@@ -131,15 +158,18 @@ def test_cli_optimize_and_table(capsys):
     assert out["contexts"] == [8192, 16384] and len(out["grid"]) == 2
 
 
-@pytest.mark.parametrize("args,match", [
-    (["law", "optimize", "--loss", "2.6", "--context", "12x"], "--context"),
-    (["law", "optimize", "--loss", "2.6", "--context", "0"], "--context"),
-    (["law", "optimize", "--loss", "2.6", "--context=-8K"], "--context"),
-    (["law", "optimize", "--loss", "abc", "--context", "8K"], "--loss"),
-    (["law", "optimize", "--loss", "1.0", "--context", "8K"], "irreducible"),
-    (["law", "table", "--contexts", "8K", "nope"], "--contexts"),
-    (["law", "optimize", "--loss", "2.6", "--context", "8K", "--law", "/nonexistent/law.yaml"], "law file"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["law", "optimize", "--loss", "2.6", "--context", "12x"], "--context"),
+        (["law", "optimize", "--loss", "2.6", "--context", "0"], "--context"),
+        (["law", "optimize", "--loss", "2.6", "--context=-8K"], "--context"),
+        (["law", "optimize", "--loss", "abc", "--context", "8K"], "--loss"),
+        (["law", "optimize", "--loss", "1.0", "--context", "8K"], "irreducible"),
+        (["law", "table", "--contexts", "8K", "nope"], "--contexts"),
+        (["law", "optimize", "--loss", "2.6", "--context", "8K", "--law", "/nonexistent/law.yaml"], "law file"),
+    ],
+)
 def test_cli_bad_input_one_line(args, match, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err

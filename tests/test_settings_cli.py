@@ -290,3 +290,17 @@ def test_convert_q_heads_flag(stories_hf, val_text, tmp_path, capsys, monkeypatc
     assert "query heads 8 -> 4" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (4, 4, 8)
+
+
+def test_q_heads_auto_takes_the_joint_recommendation(stories_hf, val_text, tmp_path, capsys, monkeypatch):
+    from gqa_convert.plan import recommend_heads
+
+    monkeypatch.setenv("GQA_CONVERT_CACHE", str(tmp_path / "cache"))
+    rc = main(["convert", str(stories_hf), "--q-heads", "auto", "--kv-heads", "2", "-o", str(tmp_path / "x")])
+    assert rc == 2 and "--q-heads auto needs --kv-heads auto" in capsys.readouterr().err
+    out = tmp_path / "auto"
+    rc = main(["convert", str(stories_hf), "--kv-heads", "auto", "--q-heads", "auto", "--context", "8K",
+               "--calib-data", str(val_text), "--calib-tokens", "4096", "-o", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == recommend_heads(stories_hf, 8192)

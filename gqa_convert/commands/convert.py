@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Optional
 
 from ..settings import ConvertSettings, RunSettings, pick
 from .flags import add_flags, settings_from_args
@@ -34,18 +35,25 @@ def register(sub) -> None:
     m.set_defaults(func=run_models)
 
 
-def kv_heads_for(source: str, kv_heads, context, revision) -> int:
-    """--kv-heads as a number: as given, or the law's recommendation at --context for `auto`."""
+def heads_for(source: str, kv_heads, q_heads, context, revision) -> tuple[int, Optional[int]]:
+    """(--kv-heads, --q-heads) as numbers: as given, or the law's recommendation at --context for
+    `auto` (KV heads alone, or both counts with --q-heads auto)."""
     from ..errors import ConfigError
 
     if kv_heads != "auto":
-        return int(kv_heads)
+        if q_heads == "auto":
+            raise ConfigError("--q-heads auto needs --kv-heads auto: the law recommends both counts together")
+        return int(kv_heads), q_heads
     if not context:
         raise ConfigError("--kv-heads auto needs --context (the serving context length in tokens)")
-    from ..plan import recommend_kv_heads
+    from ..plan import recommend_heads, recommend_kv_heads
     from ..source import resolve_source
 
-    return int(recommend_kv_heads(resolve_source(source, revision=revision, config_only=True), context))
+    folder = resolve_source(source, revision=revision, config_only=True)
+    if q_heads == "auto":
+        n_q, n_kv = recommend_heads(folder, context)
+        return int(n_kv), int(n_q)
+    return int(recommend_kv_heads(folder, context)), q_heads
 
 
 def run(args) -> int:
@@ -58,10 +66,11 @@ def run(args) -> int:
     calib = None
     if settings.calib_data:  # calibrate after the held-out slice, which verify scores
         calib = TrainingDocuments(data_spec(settings.calib_data, settings, settings.heldout_docs, settings.train_start))
+    kv, q = heads_for(shared.source, shared.kv_heads, shared.q_heads, shared.context, shared.revision)
     result = convert_checkpoint(
         shared.source,
         args.output,
-        kv_heads_for(shared.source, shared.kv_heads, shared.context, shared.revision),
+        kv,
         method=settings.method,
         max_shard_size=settings.max_shard_size,
         overwrite=args.overwrite,
@@ -71,7 +80,7 @@ def run(args) -> int:
         token=os.environ.get("HF_TOKEN") or None,
         calib_data=calib,
         calib_tokens=settings.calib_tokens,
-        q_heads=shared.q_heads,
+        q_heads=q,
         q_method=settings.q_method,
         calib_device=settings.calib_device,
     )
@@ -79,9 +88,9 @@ def run(args) -> int:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:
         o, n = result.old_shape, result.new_shape
-        q = f"query heads {o.n_heads} -> {n.n_heads}" if n.n_heads != o.n_heads else f"{o.n_heads} query heads"
+        qs = f"query heads {o.n_heads} -> {n.n_heads}" if n.n_heads != o.n_heads else f"{o.n_heads} query heads"
         print(
-            f"wrote {result.output}: {result.family}, KV heads {o.n_kv} -> {n.n_kv} ({q}, "
+            f"wrote {result.output}: {result.family}, KV heads {o.n_kv} -> {n.n_kv} ({qs}, "
             f"head_dim {o.head_dim}), method {result.method}; {result.tensors_changed} tensors regrouped, "
             f"{result.tensors_copied} copied, {result.bytes_written / 1e6:.1f} MB in {len(result.weight_files)} file(s)"
         )

@@ -165,8 +165,8 @@ def register(sub) -> None:
     def law_arg(q):
         q.add_argument(
             "--law",
-            help="law file from `gqa-convert law fit`, or shipped:table4 | shipped:default "
-            "(default: table4 for optimize/table, the monotone default for eval; docs/law.md)",
+            help="law file from `gqa-convert law fit`, or shipped:default (the default: one law for every "
+            "action) | shipped:table4 (0.1's retired design law); docs/law.md",
         )
 
     q = lsub.add_parser("optimize", help="cost-optimal (N, n_h, n_kv, layers, width) for a target loss and context")

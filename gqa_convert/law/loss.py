@@ -3,11 +3,22 @@
     L(N; H) = (a_H / N)^b_H + E          N = non-embedding parameters, H = (n_h, n_kv)
     N*(H)   = a_H / (L* − E)^(1/b_H)     smallest model of config H that reaches loss L*
 
-Two forms of (a_H, b_H):
+Three forms of (a_H, b_H):
 - `per_head`: one fitted pair per head configuration (what `gqa-convert law fit` produces);
-- `smooth`: a_H and b_H as low-order polynomials of x = log2 n_h, y = log2 n_kv (the shipped,
-  reconstructed default). Written with A_H = (a_H/N0)^b_H, the reducible loss at N0 parameters:
-      ln A_H = Σ p_ij x^i y^j,   b_H = Σ q_ij x^i y^j,   a_H = N0 · A_H^(1/b_H).
+- `grid`: one pair (ln A_H, b_H) per power-of-two configuration 1 ≤ n_kv ≤ n_h ≤ max (the shipped
+  default), interpolated bilinearly in (log2 n_h, log2 n_kv) for the counts in between (12, 24,
+  48 heads, ...): the paper fits (a_H, b_H) per configuration, and a piecewise-bilinear surface
+  keeps the lattice's ordering — if removing heads never lowers the loss at the lattice points,
+  it never does in between (each interpolated ln(L − E) is a convex combination of corner values
+  that are ordered along both axes). n_kv above n_h reads as n_kv = n_h (a KV head no query head
+  reads adds nothing); counts above the lattice read as the largest (flat: extrapolation);
+- `smooth`: a_H and b_H as low-order polynomials of x = (log2 n_h − c)/s, y = (log2 n_kv − c)/s
+  (the shipped, reconstructed default; c = `variables.center`, s = `variables.scale`, 0 and 1
+  unless the file says otherwise). Written with A_H = (a_H/N0)^b_H, the reducible loss at N0
+  parameters:
+      ln A_H = Σ p_ij x^i y^j,   b_H = g(Σ q_ij x^i y^j),   a_H = N0 · A_H^(1/b_H),
+  g the identity (`b_link: identity`) or lo + (hi − lo)·σ(·), σ the logistic function
+  (`b_link: logistic`, `b_range: [lo, hi]`), which keeps every exponent inside (lo, hi).
 A monomial is named by its letters: "1", "x", "y", "xx", "xy", "yyy", ...
 """
 
@@ -27,14 +38,17 @@ from ..fileio import write_text_atomic
 
 FORMAT = "gqa-convert-law/1"
 DEFAULT_LAW = "coefficients.yaml"
-# Laws shipped in the package, by the name `--law shipped:NAME` takes. "table4" is the earlier,
-# unconstrained reconstruction: 32/40 Table 4 cells but NOT monotone in the heads (docs/law.md).
+# Laws shipped in the package, by the name `--law shipped:NAME` takes. "default" is THE shipped law:
+# monotone in both head counts and calibrated to Table 4 and the Llama-3 reference losses at once
+# (docs/law.md), used by every command. "table4" is a retired, earlier reconstruction (32/40 Table 4
+# cells but NOT monotone in the heads: fewer heads predicted better below ~5e8 parameters); it stays
+# loadable by name only so that `--law shipped:table4` in existing scripts and recipes keeps working.
 SHIPPED = {"default": DEFAULT_LAW, "table4": "coefficients_table4.yaml"}
-# Which shipped law each use reads when no --law is given. Designing a model from scratch (the
-# paper's recipe: `law optimize`, `law table`) uses the calibration that reproduces Table 4;
-# predicting what a conversion costs in loss (`plan`, `verify`) needs a law whose loss never falls
-# when heads are removed, which the Table 4 calibration violates below ~5e8 parameters.
-DESIGN_LAW = "shipped:table4"
+RETIRED = {"table4"}
+# Which shipped law each use reads when no --law is given: the same one for designing a model from
+# scratch (the paper's recipe: `law optimize`, `law table`) and for predicting what a conversion
+# costs in loss (`plan`, `verify`). Both names are kept for the callers that import them.
+DESIGN_LAW = "shipped:default"
 CONVERSION_LAW = "shipped:default"
 
 
@@ -56,11 +70,16 @@ class LossLaw:
     """E shared by all head configurations; (a_H, b_H) per configuration or as a smooth form."""
 
     E: float
-    form: str = "smooth"  # "smooth" | "per_head"
+    form: str = "smooth"  # "smooth" | "per_head" | "grid"
     reference_params: float = 1e9  # N0 of the smooth form
     log_A: dict[str, float] = field(default_factory=dict)  # smooth: ln A_H polynomial
-    b: dict[str, float] = field(default_factory=dict)  # smooth: b_H polynomial
+    b: dict[str, float] = field(default_factory=dict)  # smooth: b_H polynomial (before the link)
+    b_link: str = "identity"  # smooth: "identity" | "logistic" (b_H = lo + (hi − lo)·σ(poly))
+    b_range: tuple[float, float] = (0.0, 1.0)  # smooth, logistic link: (lo, hi)
+    variables: tuple[float, float] = (0.0, 1.0)  # smooth: (center, scale) of x and y
     heads: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)  # per_head: (a_H, b_H)
+    grid: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)  # grid: (ln A_H, b_H)
+    _tables: Any = field(default=None, init=False, repr=False, compare=False)  # grid, as [log2 n_h, log2 n_kv] arrays
     stderr: dict[str, Any] = field(default_factory=dict)  # parameter standard errors of a fit
     fitted: dict[str, Any] = field(default_factory=dict)  # range of the data: params, heads, context
     settings: dict[str, Any] = field(default_factory=dict)  # cost/recipe unit choices (see recipe.py)
@@ -68,16 +87,89 @@ class LossLaw:
     fit: dict[str, Any] = field(default_factory=dict)  # r2, runs, residual std
 
     def __post_init__(self) -> None:
-        if self.form not in ("smooth", "per_head"):
-            raise ConfigError(f"law form must be 'smooth' or 'per_head', not {self.form!r}")
+        if self.form not in ("smooth", "per_head", "grid"):
+            raise ConfigError(f"law form must be 'smooth', 'per_head' or 'grid', not {self.form!r}")
         if self.form == "smooth" and not (self.log_A and self.b):
             raise ConfigError("smooth law needs both log_A and b polynomials")
         if self.form == "per_head" and not self.heads:
             raise ConfigError("per_head law needs at least one head configuration")
+        if self.b_link not in ("identity", "logistic"):
+            raise ConfigError(f"law b_link must be 'identity' or 'logistic', not {self.b_link!r}")
+        lo, hi = self.b_range
+        if self.b_link == "logistic" and not 0 <= lo < hi:
+            raise ConfigError(f"law b_range must be [lo, hi] with 0 <= lo < hi, not {list(self.b_range)}")
+        if not self.variables[1] > 0:
+            raise ConfigError(f"law variables.scale must be positive, not {self.variables[1]!r}")
+        if self.form == "grid":
+            self._check_grid()
+
+    def _check_grid(self) -> None:
+        top = max((h for h, _ in self.grid), default=0)
+        if top < 1 or top & (top - 1):
+            raise ConfigError("grid law: the largest n_heads must be a power of two (the lattice is 1, 2, 4, ...)")
+        want = set(candidates(top))
+        if set(self.grid) != want:
+            missing = ", ".join(f"({h},{k})" for h, k in sorted(want - set(self.grid)))
+            extra = ", ".join(f"({h},{k})" for h, k in sorted(set(self.grid) - want))
+            raise ConfigError(
+                f"grid law: needs every power-of-two (n_heads, n_kv), n_kv <= n_heads <= {top}"
+                + (f"; missing {missing}" if missing else "")
+                + (f"; not on the lattice {extra}" if extra else "")
+            )
+        if any(not b > 0 for _, b in self.grid.values()):
+            raise ConfigError("grid law: every exponent b must be positive")
+        size = int(math.log2(top)) + 1
+        u_tab, b_tab = np.empty((size, size)), np.empty((size, size))
+        for (h, k), (u, b) in self.grid.items():
+            u_tab[int(math.log2(h)), int(math.log2(k))] = u
+            b_tab[int(math.log2(h)), int(math.log2(k))] = b
+        for i in range(size):  # n_kv > n_h reads as n_kv = n_h
+            u_tab[i, i + 1 :], b_tab[i, i + 1 :] = u_tab[i, i], b_tab[i, i]
+        self._tables = (u_tab, b_tab)
+
+    @property
+    def continuous(self) -> bool:
+        """Whether the law answers for any head counts (smooth, grid), not only fitted ones."""
+        return self.form in ("smooth", "grid")
+
+    @property
+    def max_heads(self) -> Optional[int]:
+        """The largest n_h a grid law has points for (above: read as that many); None otherwise."""
+        return max(h for h, _ in self.grid) if self.form == "grid" else None
+
+    def _grid_coefficients(self, n_heads, n_kv) -> tuple[Any, Any]:
+        """Bilinear interpolation of (ln A_H, b_H) in (log2 n_h, log2 n_kv) on the lattice."""
+        u_tab, b_tab = self._tables
+        top = u_tab.shape[0] - 1
+        x = np.clip(np.log2(np.asarray(n_heads, dtype=float)), 0, top)
+        y = np.clip(np.log2(np.asarray(n_kv, dtype=float)), 0, top)
+        y = np.minimum(y, x)
+        last = max(top - 1, 0)
+        x0, y0 = np.minimum(np.floor(x), last).astype(int), np.minimum(np.floor(y), last).astype(int)
+        x1, y1 = np.minimum(x0 + 1, top), np.minimum(y0 + 1, top)
+        tx, ty = x - x0, y - y0
+
+        def at(tab):
+            return (
+                (1 - tx) * (1 - ty) * tab[x0, y0]
+                + tx * (1 - ty) * tab[x1, y0]
+                + (1 - tx) * ty * tab[x0, y1]
+                + tx * ty * tab[x1, y1]
+            )
+
+        u, b = at(u_tab), at(b_tab)
+        return (float(u), float(b)) if np.ndim(u) == 0 else (u, b)
 
     # ------------------------------------------------------------------ coefficients
+    def variables_of(self, n_heads, n_kv) -> tuple[Any, Any]:
+        """(x, y) of the smooth form: (log2 n_h − center)/scale, (log2 n_kv − center)/scale."""
+        c, s = self.variables
+        x = (np.log2(np.asarray(n_heads, dtype=float)) - c) / s
+        y = (np.log2(np.asarray(n_kv, dtype=float)) - c) / s
+        return x, y
+
     def has(self, n_heads: int, n_kv: int) -> bool:
-        return self.form == "smooth" or (int(n_heads), int(n_kv)) in self.heads
+        return self.continuous or (int(n_heads), int(n_kv)) in self.heads
 
     def coefficients(self, n_heads, n_kv) -> tuple[Any, Any]:
         """(a_H, b_H); arrays broadcast for the smooth form."""
@@ -93,11 +185,17 @@ class LossLaw:
                     )
                 a[i], b[i] = self.heads[key]
             return (float(a), float(b)) if a.ndim == 0 else (a, b)
-        x, y = np.log2(np.asarray(n_heads, dtype=float)), np.log2(np.asarray(n_kv, dtype=float))
-        b = poly(self.b, x, y)
+        if self.form == "grid":
+            log_A, b = self._grid_coefficients(n_heads, n_kv)
+        else:
+            x, y = self.variables_of(n_heads, n_kv)
+            log_A, b = poly(self.log_A, x, y), poly(self.b, x, y)
+            if self.b_link == "logistic":
+                lo, hi = self.b_range
+                b = lo + (hi - lo) / (1 + np.exp(-b))
         if np.any(b <= 0):
             raise LawError(f"law exponent b_H is not positive at n_h={n_heads}, n_kv={n_kv}; outside the law's range")
-        a = self.reference_params * np.exp(poly(self.log_A, x, y) / b)
+        a = self.reference_params * np.exp(log_A / b)
         return (float(a), float(b)) if np.ndim(a) == 0 else (a, b)
 
     # ------------------------------------------------------------------ eq. 7 / eq. 8
@@ -137,6 +235,9 @@ class LossLaw:
         mh = self.fitted.get("max_heads")
         if mh and n_heads > mh:
             notes.append(f"n_h={n_heads} is beyond the fitted head counts (≤{mh}): extrapolation")
+        top = self.max_heads
+        if top and n_heads > top:
+            notes.append(f"n_h={n_heads} is above the law's lattice (≤{top}): read as {top} query heads")
         ctx = self.fitted.get("context")
         if context and ctx and context > ctx:
             notes.append(f"fits were made at T={ctx}; at T={context} only the costs change (law.md)")
@@ -151,6 +252,16 @@ class LossLaw:
                 log_A={k: float(v) for k, v in self.log_A.items()},
                 b={k: float(v) for k, v in self.b.items()},
             )
+            if self.b_link != "identity":
+                d.update(b_link=self.b_link, b_range=[float(v) for v in self.b_range])
+            if tuple(self.variables) != (0.0, 1.0):
+                d["variables"] = {"center": float(self.variables[0]), "scale": float(self.variables[1])}
+        elif self.form == "grid":
+            d["reference_params"] = float(self.reference_params)
+            d["grid"] = [
+                {"n_heads": h, "n_kv": k, "log_A": float(u), "b": float(b)}
+                for (h, k), (u, b) in sorted(self.grid.items())
+            ]
         else:
             d["heads"] = [
                 {
@@ -188,13 +299,22 @@ class LossLaw:
                 stderr[f"{h},{k}"] = {"a": row.get("a_stderr"), "b": row.get("b_stderr")}
             if d.get("E_stderr") is not None:
                 stderr["E"] = float(d["E_stderr"])
+            grid = {
+                (int(r["n_heads"]), int(r["n_kv"])): (float(r["log_A"]), float(r["b"])) for r in d.get("grid") or []
+            }
+            lo, hi = d.get("b_range") or (0.0, 1.0)
+            var = d.get("variables") or {}
             return cls(
                 E=E,
                 form=form,
                 reference_params=float(d.get("reference_params", 1e9)),
                 log_A={str(k): float(v) for k, v in (d.get("log_A") or {}).items()},
                 b={str(k): float(v) for k, v in (d.get("b") or {}).items()},
+                b_link=str(d.get("b_link", "identity")),
+                b_range=(float(lo), float(hi)),
+                variables=(float(var.get("center", 0.0)), float(var.get("scale", 1.0))),
                 heads=heads,
+                grid=grid,
                 stderr=stderr,
                 fitted=d.get("fitted") or {},
                 settings=d.get("settings") or {},
@@ -202,16 +322,21 @@ class LossLaw:
                 fit=d.get("fit") or {},
             )
         except (KeyError, TypeError, ValueError) as err:
-            raise ConfigError(f"{where}: malformed law ({err!r}); expected E, form and log_A/b or heads") from None
+            raise ConfigError(
+                f"{where}: malformed law ({err!r}); expected E, form and log_A/b, heads or grid"
+            ) from None
 
 
 def load_law(path: Union[str, Path, None] = None) -> LossLaw:
-    """A law file (`--law law.yaml`), a shipped law (`shipped:table4`), or the shipped default when
-    `path` is None."""
+    """A law file (`--law law.yaml`), a shipped law (`shipped:default`; the retired `shipped:table4`
+    still loads), or the shipped default when `path` is None."""
     if path is None or str(path).startswith("shipped:"):
         name = "default" if path is None else str(path)[len("shipped:") :]
         if name not in SHIPPED:
-            raise ConfigError(f"no shipped law {name!r}; choose one of " + ", ".join(f"shipped:{k}" for k in SHIPPED))
+            raise ConfigError(
+                f"no shipped law {name!r}; choose one of "
+                + ", ".join(f"shipped:{k}" + (" (retired)" if k in RETIRED else "") for k in SHIPPED)
+            )
         text = resources.files("gqa_convert.law").joinpath(SHIPPED[name]).read_text()
         return LossLaw.from_dict(yaml.safe_load(text), where=f"shipped {SHIPPED[name]}")
     p = Path(path)

@@ -24,8 +24,12 @@ from .shapes import ModelShape
 # Predefined shapes (layers, width): Table 9 (scaling-fit models, < 1.2B) and Table 7 (≥ 1.2B).
 TABLE9 = [(4, 256), (6, 512), (12, 768), (12, 1024), (16, 1024), (24, 1280), (24, 1536), (36, 1536)]
 TABLE7 = [(36, 1536), (36, 2048), (48, 2560), (54, 3072), (64, 4096), (72, 6144), (80, 8192)]
-# Anchors: (N = 12·L·d², the paper's size label for multi-head models; aspect ratio d/L).
+# Anchors of the aspect ratio, two readings of the same shapes: (N, d/L) with N = 12·L·d² (the
+# paper's parameter count of a multi-head model: "formula") or N = the size label the tables print
+# ("label": 3M, 19M, …, 1.2B, …, 64B; 1.2B is 1.02e9 by the formula, 4B is 3.77e9).
 ANCHORS = sorted({(12 * L * d * d, d / L) for L, d in TABLE9 + TABLE7})
+TABLE_LABELS = [3e6, 19e6, 85e6, 150e6, 200e6, 470e6, 680e6, 1.2e9, 1.8e9, 4e9, 6e9, 13e9, 33e9, 64e9]
+LABEL_ANCHORS = [(n, d / L) for n, (L, d) in zip(TABLE_LABELS, TABLE9 + TABLE7[1:])]
 
 # Table 4 of the paper: optimal (n_h, n_kv) by target loss and context.
 TABLE4_LOSSES = [3.0, 2.9, 2.8, 2.7, 2.6, 2.5, 2.4, 2.35]
@@ -54,12 +58,16 @@ class RecipeSettings:
     # aspect ratio d/L: "linear"/"log" = the paper's interpolation between the two nearest
     # predefined shapes in N or log N; "power" = one power law d/L = c·N^g fitted through all of them
     interpolation: Literal["linear", "log", "power"] = "linear"
+    # N of the anchors: "formula" = 12·L·d², "label" = the size the paper's tables print
+    anchors: Literal["formula", "label"] = "formula"
     vocab: int = 50304  # embeddings counted in the costs when cost.embeddings (tied, GPT-2 tokenizer)
     cost: CostSettings = field(default_factory=CostSettings)
 
     def __post_init__(self) -> None:
         if self.interpolation not in ("linear", "log", "power"):
             raise ConfigError(f"interpolation must be 'linear', 'log' or 'power', not {self.interpolation!r}")
+        if self.anchors not in ("formula", "label"):
+            raise ConfigError(f"anchors must be 'formula' or 'label', not {self.anchors!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +80,7 @@ class RecipeSettings:
             return cls(cost=cost, **d)
         except TypeError as err:
             raise ConfigError(
-                f"law settings: {err}; allowed keys are head_dim, max_heads, interpolation, vocab, cost"
+                f"law settings: {err}; allowed keys are head_dim, max_heads, interpolation, anchors, vocab, cost"
             ) from None
 
 
@@ -81,10 +89,11 @@ def settings_of(law: LossLaw) -> RecipeSettings:
 
 
 # --------------------------------------------------------------------------- shape search
-def aspect_ratio(n_params, interpolation: str = "linear"):
+def aspect_ratio(n_params, interpolation: str = "linear", anchors: str = "formula"):
     """d/L interpolated between the two nearest predefined shapes (clamped outside them), or a
     power law through all of them (`power`: smooth in N, so the shape does not wiggle)."""
-    ns, rs = np.array([a[0] for a in ANCHORS]), np.array([a[1] for a in ANCHORS])
+    nodes = LABEL_ANCHORS if anchors == "label" else ANCHORS
+    ns, rs = np.array([a[0] for a in nodes]), np.array([a[1] for a in nodes])
     n = np.asarray(n_params, dtype=float)
     if interpolation == "log":
         return np.interp(np.log(n), np.log(ns), rs)
@@ -153,7 +162,7 @@ def recipe_grid(
         raise ConfigError(f"contexts must be positive token counts, not {list(contexts)}")
     nh, nkv = H[:, 0][None, :], H[:, 1][None, :]
     n_star = law.n_star(t, nh, nkv)  # [nL, K]
-    ratio = aspect_ratio(n_star, s.interpolation)
+    ratio = aspect_ratio(n_star, s.interpolation, s.anchors)
     layers = solve_layers(n_star, nh, nkv, ratio, s.head_dim)
     width = ratio * layers
     n_cost = n_star + (s.vocab * width if s.cost.embeddings else 0.0)
@@ -210,7 +219,7 @@ class Design:
 
 def _design(law: LossLaw, s: RecipeSettings, target: float, context: int, n_heads: float, n_kv: int) -> Design:
     n = float(law.n_star(target, n_heads, n_kv))
-    ratio = float(aspect_ratio(n, s.interpolation))
+    ratio = float(aspect_ratio(n, s.interpolation, s.anchors))
     L = float(solve_layers(n, n_heads, n_kv, ratio, s.head_dim))
     d = ratio * L
     n_cost = n + (s.vocab * d if s.cost.embeddings else 0.0)
@@ -231,11 +240,11 @@ def llama3_design(law: LossLaw, target: float, context: int, settings: Optional[
     """The Llama-3 head configuration (d/d_h query heads, 8 KV heads) reaching `target`.
 
     n_h depends on the width, which depends on N*(n_h): a fixed point, found by iteration
-    (n_h kept real-valued; needs the smooth form of the law).
+    (n_h kept real-valued; needs a smooth or grid law).
     """
     s = settings or settings_of(law)
-    if law.form != "smooth":
-        raise LawError("the Llama-3 comparison needs a smooth law (n_h = d/d_h is not a fitted configuration)")
+    if not law.continuous:
+        raise LawError("the Llama-3 comparison needs a smooth or grid law (n_h = d/d_h is not a fitted configuration)")
     n_heads = 32.0
     for _ in range(100):
         des = _design(law, s, target, context, n_heads, 8)
@@ -285,7 +294,7 @@ def optimize(
     s = settings or settings_of(law)
     if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context <= 0:
         raise ConfigError(f"context must be a positive number of tokens, not {context!r}")
-    if law.form == "smooth":
+    if law.continuous:
         law.n_star(target_loss, 1, 1)  # early, clear error when L* ≤ E
     cands = [_design(law, s, target_loss, context, h, k) for h, k in candidates(s.max_heads) if law.has(h, k)]
     if not cands:
@@ -293,7 +302,7 @@ def optimize(
     best = min(cands, key=lambda c: c.z)
     shape = round_shape(best.n_layers, best.hidden, int(best.n_heads), best.n_kv, s)
     shape_loss = float(law.loss(shape.non_embedding_params, shape.n_heads, shape.n_kv))
-    llama = llama3_design(law, target_loss, context, s) if law.form == "smooth" else None
+    llama = llama3_design(law, target_loss, context, s) if law.continuous else None
     mem = flops = None
     if llama:
         mem = 100 * (1 - best.memory_values / llama.memory_values)

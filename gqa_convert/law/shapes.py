@@ -7,7 +7,7 @@ weights), or from the paper's shape rule (`paper_shape`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Union
 
@@ -40,6 +40,7 @@ class ModelShape:
     vocab: int  # V
     tied: bool = True  # output embedding shares the input embedding
     gated_ffn: bool = True  # SwiGLU: 3 FFN matrices; else 2
+    model_type: str = field(default="", compare=False)  # the config's model_type ("" = unknown)
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "d_ff", "vocab"):
@@ -167,6 +168,7 @@ def shape_from_config(config: Union[Mapping[str, Any], Any]) -> ModelShape:
         vocab=int(values["vocab"]),
         tied=True if tied is None else bool(tied),
         gated_ffn=gated,
+        model_type=model_type,
     )
 
 

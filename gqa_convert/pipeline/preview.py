@@ -21,19 +21,20 @@ from ..settings import RunSettings
 
 def planned_heads(recipe: RunSettings, config: dict) -> tuple[int, int]:
     """(query heads, KV heads) the run would convert to: the recipe's, `auto` from the law."""
-    kv = recipe.kv_heads
+    from ..architectures import get_family, head_shape
+
+    old = head_shape(get_family(config), config)
+    kv, q = recipe.kv_heads, recipe.q_heads
     if kv == "auto":
         from ..law.loss import load_law
         from ..plan import plan_conversion
 
         law = load_law(recipe.law) if recipe.law else None
-        kv = plan_conversion(
-            config, recipe.context, max_loss_increase=recipe.max_loss_increase, law=law
-        ).recommended.kv_heads
-    from ..architectures import get_family, head_shape
-
-    old = head_shape(get_family(config), config)
-    return (recipe.q_heads or old.n_heads), int(kv)
+        p = plan_conversion(config, recipe.context, max_loss_increase=recipe.max_loss_increase, law=law)
+        kv = p.recommended.kv_heads
+        if q == "auto" and p.recommended_joint is not None:
+            q, kv = p.recommended_joint.q_heads, p.recommended_joint.kv_heads
+    return (q if isinstance(q, int) else old.n_heads), int(kv)
 
 
 def preview_card(recipe: RunSettings, *, reproduce: Optional[str] = None) -> str:

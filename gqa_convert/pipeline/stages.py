@@ -127,6 +127,7 @@ def memory_plan(shape, context: int, up, hw, *, converted_heads: Optional[tuple[
 
 class PlanOutputs(BaseModel):
     kv_heads: int
+    q_heads: Optional[int] = None  # None: unchanged
     recommended_kv_heads: int
     plan: str
 
@@ -165,14 +166,20 @@ class PlanStage(Stage):
         write_plot(p, out / "plan.png")
         ctx.log(format_plan(p))
         kv = p.recommended.kv_heads if r.kv_heads == "auto" else int(r.kv_heads)
-        if r.kv_heads == "auto":
+        q = r.q_heads if isinstance(r.q_heads, int) else None
+        if r.q_heads == "auto" and p.recommended_joint is not None:
+            q, kv = p.recommended_joint.q_heads, p.recommended_joint.kv_heads
+            ctx.log(
+                f"[plan] --kv-heads auto --q-heads auto: the law recommends {q} query / {kv} KV heads at T={r.context}"
+            )
+        elif r.kv_heads == "auto":
             ctx.log(f"[plan] --kv-heads auto: the law recommends {kv} KV heads at T={r.context}")
         if r.uptrain.enabled:  # will uptraining fit the hardware? (gqa_convert.memory)
             from ..law.shapes import shape_from_config
             from ..memory import format_memory_plan
 
             shape = shape_from_config(read_config(ctx.source_dir(config_only=True)))
-            mp = memory_plan(shape, r.context, r.uptrain, r.hardware, converted_heads=(r.q_heads or shape.n_heads, kv))
+            mp = memory_plan(shape, r.context, r.uptrain, r.hardware, converted_heads=(q or shape.n_heads, kv))
             write_json_atomic(out / "memory.json", mp.to_dict())
             ctx.log(format_memory_plan(mp))
             if mp.fits is False:
@@ -181,7 +188,9 @@ class PlanStage(Stage):
                     f"[plan] warning: uptraining needs {mp.total_bytes / 2**30:.1f} GiB per GPU, more than "
                     f"hardware.gpu_memory allows; {fix}"
                 )
-        return PlanOutputs(kv_heads=kv, recommended_kv_heads=p.recommended.kv_heads, plan=str(out / "plan.json"))
+        return PlanOutputs(
+            kv_heads=kv, q_heads=q, recommended_kv_heads=p.recommended.kv_heads, plan=str(out / "plan.json")
+        )
 
 
 # --------------------------------------------------------------------------- convert
@@ -208,7 +217,8 @@ class ConvertStage(Stage):
 
         r = ctx.recipe
         target = ctx.run_dir / "converted"
-        spec = r.calibration_spec() if r.convert.method != "mean" or r.q_heads else None
+        plan = ctx.output("plan", PlanOutputs)
+        spec = r.calibration_spec() if r.convert.method != "mean" or plan.q_heads else None
         res = convert_checkpoint(
             ctx.source_dir(),
             target,
@@ -219,7 +229,7 @@ class ConvertStage(Stage):
             allow_pickle=r.convert.allow_pickle,
             calib_data=TrainingDocuments(spec) if spec else None,
             calib_tokens=r.convert.calib_tokens,
-            q_heads=r.q_heads,
+            q_heads=plan.q_heads,
             q_method=r.convert.q_method,
             calib_device=r.convert.calib_device,
         )
