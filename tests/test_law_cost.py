@@ -9,8 +9,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gqa_convert.errors import ConfigError, GqaConvertError, UnsupportedModelError
 from gqa_convert.law.cost import (
-    CostSettings, cost_report, dtype_bytes, forward_flops, infer_flops, infer_memory, kv_cache_bytes,
-    kv_cache_values, sequence_flops, z_cost,
+    CostSettings,
+    cost_report,
+    dtype_bytes,
+    forward_flops,
+    infer_flops,
+    infer_memory,
+    kv_cache_bytes,
+    kv_cache_values,
+    sequence_flops,
+    z_cost,
 )
 from gqa_convert.law.shapes import ModelShape, load_shape, shape_from_config
 
@@ -65,26 +73,55 @@ def test_z_and_settings():
 
 # --------------------------------------------------------------------------- real HF configs
 LLAMA_32_1B = {  # Llama-3.2-1B config.json (the fields that matter)
-    "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "vocab_size": 128256,
     "tie_word_embeddings": True,
 }
 
 
 def test_shape_of_llama_config():
     s = shape_from_config(LLAMA_32_1B)
-    assert (s.n_layers, s.hidden, s.n_heads, s.n_kv, s.head_dim, s.d_ff, s.vocab, s.tied) == (16, 2048, 32, 8, 64, 8192, 128256, True)
+    assert (s.n_layers, s.hidden, s.n_heads, s.n_kv, s.head_dim, s.d_ff, s.vocab, s.tied) == (
+        16,
+        2048,
+        32,
+        8,
+        64,
+        8192,
+        128256,
+        True,
+    )
     # Llama-3.2-1B has 1.236B parameters in total (0.973B non-embedding + 0.263B tied embedding) + norms
     assert s.total_params + (2 * 16 + 1) * 2048 == 1_235_814_400
 
 
 def test_shape_head_dim_explicit_and_derived():
-    qwen3 = {"model_type": "qwen3", "hidden_size": 2560, "num_attention_heads": 32, "num_key_value_heads": 8,
-             "head_dim": 128, "num_hidden_layers": 36, "intermediate_size": 9728, "vocab_size": 151936,
-             "tie_word_embeddings": True}
+    qwen3 = {
+        "model_type": "qwen3",
+        "hidden_size": 2560,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "num_hidden_layers": 36,
+        "intermediate_size": 9728,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    }
     assert shape_from_config(qwen3).head_dim == 128
-    no_kv = {"model_type": "llama", "hidden_size": 512, "num_attention_heads": 8, "num_hidden_layers": 2,
-             "intermediate_size": 1024, "vocab_size": 100}
+    no_kv = {
+        "model_type": "llama",
+        "hidden_size": 512,
+        "num_attention_heads": 8,
+        "num_hidden_layers": 2,
+        "intermediate_size": 1024,
+        "vocab_size": 100,
+    }
     s = shape_from_config(no_kv)
     assert (s.head_dim, s.n_kv, s.tied) == (64, 8, False)  # LlamaConfig defaults: MHA, untied
     gpt2 = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257}
@@ -108,8 +145,16 @@ def test_parameter_count_matches_a_real_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     for tied in (True, False):
-        cfg = LlamaConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
-                          num_key_value_heads=2, head_dim=16, vocab_size=97, tie_word_embeddings=tied)
+        cfg = LlamaConfig(
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=97,
+            tie_word_embeddings=tied,
+        )
         model = LlamaForCausalLM(cfg)
         s = shape_from_config(cfg)
         norms = (2 * 3 + 1) * 48
@@ -136,14 +181,30 @@ def test_bad_shapes_and_configs():
 
 
 # --------------------------------------------------------------------------- measured: KV cache
-def _tiny_llama(n_heads: int, n_kv: int, head_dim: int, hidden: int = 32, layers: int = 2, vocab: int = 64,
-                dtype=torch.float32, attn: str = "sdpa"):
+def _tiny_llama(
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    hidden: int = 32,
+    layers: int = 2,
+    vocab: int = 64,
+    dtype=torch.float32,
+    attn: str = "sdpa",
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head_dim, vocab_size=vocab,
-                      max_position_embeddings=8192, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    )
     cfg._attn_implementation = attn
     return LlamaForCausalLM(cfg).to(dtype).eval(), cfg
 
@@ -168,7 +229,14 @@ def test_kv_cache_bytes_stories260k(stories_hf):
     from transformers import AutoModelForCausalLM
 
     shape = load_shape(stories_hf)
-    assert (shape.n_layers, shape.hidden, shape.n_heads, shape.n_kv, shape.head_dim, shape.vocab) == (5, 64, 8, 4, 8, 512)
+    assert (shape.n_layers, shape.hidden, shape.n_heads, shape.n_kv, shape.head_dim, shape.vocab) == (
+        5,
+        64,
+        8,
+        4,
+        8,
+        512,
+    )
     model = AutoModelForCausalLM.from_pretrained(stories_hf).eval()
     assert shape.total_params + (2 * 5 + 1) * 64 == sum(p.numel() for p in model.parameters()) == 260_032 - 0
     for T in (1, 100, 256):
@@ -220,7 +288,9 @@ def test_decode_flops_sdpa_on_cpu():
         measured = _decode_flops(model, cfg, T)
         f = forward_flops(shape, T + 1)
         without_attention = f.total_flops - f.attention_flops
-        assert measured == pytest.approx(f.total_flops, rel=2e-3) or measured == pytest.approx(without_attention, rel=2e-3)
+        assert measured == pytest.approx(f.total_flops, rel=2e-3) or measured == pytest.approx(
+            without_attention, rel=2e-3
+        )
 
 
 def test_one_reading_of_the_heads_stablelm_head_dim():
@@ -228,9 +298,17 @@ def test_one_reading_of_the_heads_stablelm_head_dim():
     class ignores a `head_dim` in its config (hidden / heads), so both must (0.1's law read 64)."""
     from gqa_convert.architectures import get_family, head_shape
 
-    config = {"model_type": "stablelm", "architectures": ["StableLmForCausalLM"], "hidden_size": 256,
-              "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 64, "num_hidden_layers": 2,
-              "intermediate_size": 512, "vocab_size": 1000}
+    config = {
+        "model_type": "stablelm",
+        "architectures": ["StableLmForCausalLM"],
+        "hidden_size": 256,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 512,
+        "vocab_size": 1000,
+    }
     converter = head_shape(get_family(config), config)
     law = shape_from_config(config)
     assert converter.head_dim == 32 == law.head_dim

@@ -299,8 +299,25 @@ def test_q_heads_auto_takes_the_joint_recommendation(stories_hf, val_text, tmp_p
     rc = main(["convert", str(stories_hf), "--q-heads", "auto", "--kv-heads", "2", "-o", str(tmp_path / "x")])
     assert rc == 2 and "--q-heads auto needs --kv-heads auto" in capsys.readouterr().err
     out = tmp_path / "auto"
-    rc = main(["convert", str(stories_hf), "--kv-heads", "auto", "--q-heads", "auto", "--context", "8K",
-               "--calib-data", str(val_text), "--calib-tokens", "4096", "-o", str(out), "--no-progress"])
+    rc = main(
+        [
+            "convert",
+            str(stories_hf),
+            "--kv-heads",
+            "auto",
+            "--q-heads",
+            "auto",
+            "--context",
+            "8K",
+            "--calib-data",
+            str(val_text),
+            "--calib-tokens",
+            "4096",
+            "-o",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
     assert (config["num_attention_heads"], config["num_key_value_heads"]) == recommend_heads(stories_hf, 8192)
