@@ -3,7 +3,7 @@
 Everything is built in-process, nothing is downloaded: a randomly initialised Qwen2.5-0.5B-shaped
 Qwen2ForCausalLM (24 layers, hidden 896, FFN 4,864, 14 query / 2 KV heads, head size 64, vocabulary
 151,936, tied embeddings; 494M parameters), saved in bf16 with a byte-level BPE tokenizer trained
-here (`train/tiny.py` make_tokenizer), on synthetic text. The phases, each timed, each guarded (a
+here (`tests/tiny.py` make_tokenizer), on synthetic text. The phases, each timed, each guarded (a
 failing phase records its error and the check goes on; a phase past its time limit is stopped):
 
   environment  GPU, peak BF16 TFLOP/s, versions, flash-attn, the attention `choose_attention` picks
@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # tests/tiny.py: tiny models built in-process
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
@@ -343,9 +344,8 @@ def synthetic_docs(rng: random.Random, tokens_per_word: float, lengths: list[int
 
 def build(rec: dict, p: dict, work: Path, device: str) -> dict:
     import torch
+    from tiny import make_tokenizer
     from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from gqa_convert.train.tiny import make_tokenizer
 
     rng = random.Random(0)
     tok = make_tokenizer([" ".join(WORDS)] * 20, vocab_size=min(400, p["vocab"]))

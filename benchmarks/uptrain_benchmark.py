@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # tests/tiny.py: tiny models built in-process
 FIXTURES = Path(os.environ.get("GQA_CONVERT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 
 
@@ -45,8 +46,9 @@ def prepare_model(work: Path) -> tuple[Path, Path]:
         )
         convert_checkpoint(src, work / "kv2", 2, progress=False)
         return work / "kv2", text
+    from tiny import make_tiny_llama
+
     from gqa_convert.train.data import split_text
-    from gqa_convert.train.tiny import make_tiny_llama
 
     docs = split_text(text.read_text()) if text.is_file() else ["Once upon a time there was a cat. " * 8] * 400
     if not text.is_file():

@@ -8,10 +8,10 @@ import importlib
 
 import pytest
 import torch
+from tiny import save_tiny
 
 from gqa_convert.errors import DataError
 from gqa_convert.merge.calibrate import calibrate, calibration_chunks, layer_covariances
-from gqa_convert.merge.tiny import save_tiny
 
 cal_mod = importlib.import_module("gqa_convert.merge.calibrate")  # the package re-exports a function of that name
 
@@ -82,7 +82,7 @@ def test_too_few_tokens_is_a_clear_error_before_writing(tmp_path):
 
 
 def test_calibration_chunks_from_text(tmp_path):
-    from gqa_convert.train.tiny import make_tiny_llama
+    from tiny import make_tiny_llama
 
     texts = [f"Story {i}: the cat sat on the mat and looked at the dog." for i in range(60)]
     src = make_tiny_llama(tmp_path / "src", texts)

@@ -8,12 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import tiny as registry
 import torch
 import torch.nn.functional as F
 from tiny_models import FAMILIES, tiny_model
 
 from gqa_convert.errors import ConfigError, UnsupportedModelError
-from gqa_convert.merge import tiny as registry
 from gqa_convert.train.data import IGNORE, collate, pack_rows, packed_forward
 from gqa_convert.train.loss import (
     Head,
@@ -367,9 +367,8 @@ STORY = (
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
+    from tiny import make_tiny_llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from gqa_convert.train.tiny import make_tiny_llama
 
     folder = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "m", [STORY] * 4, layers=2)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -27,7 +27,7 @@ def _hashes(folder):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from gqa_convert.train.tiny import make_tiny_llama
+    from tiny import make_tiny_llama
 
     return make_tiny_llama(
         tmp_path_factory.mktemp("src") / "m",

@@ -15,6 +15,7 @@ from functools import lru_cache
 
 import pytest
 import torch
+from tiny import FAMILIES, model_from_config, tiny_model
 
 from gqa_convert.architectures import get_family, head_shape, new_shape
 from gqa_convert.errors import ConfigError, DataError
@@ -36,7 +37,6 @@ from gqa_convert.merge.heads import (
     v_approx,
 )  # fmt: skip
 from gqa_convert.merge.optimal import optimal_factors
-from gqa_convert.merge.tiny import FAMILIES, model_from_config, tiny_model
 from gqa_convert.regroup import mean_pool
 
 FAMILY_NAMES = list(FAMILIES)
@@ -344,8 +344,9 @@ def test_unknown_method_and_missing_calibration_are_clear_errors(tmp_path):
 
 
 def test_too_few_calibration_tokens_fail_before_any_output(tmp_path):
+    from tiny import make_tiny_llama
+
     from gqa_convert.convert import convert_checkpoint
-    from gqa_convert.train.tiny import make_tiny_llama
 
     texts = ["Once upon a time there was a cat.", "The dog ran to the park and played."] * 20
     src = make_tiny_llama(tmp_path / "src", texts, hidden=64)

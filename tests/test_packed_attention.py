@@ -7,10 +7,10 @@ each document run alone, stock generation, and TensorMemory's record of every te
 from __future__ import annotations
 
 import pytest
+import tiny as registry
 import torch
 from transformers import AutoModelForCausalLM
 
-from gqa_convert.merge import tiny as registry
 from gqa_convert.train import attention
 from gqa_convert.train.attention import NAME, PackedAttentionError, document_starts, register, supports_packed_attention
 from gqa_convert.train.backend import choose_attention
@@ -22,7 +22,7 @@ register()
 
 
 def tiny_config(family: str, **overrides):
-    """The registry's tiny config of a family (merge/tiny.py); families outside it from its common fields."""
+    """The registry's tiny config of a family (tests/tiny.py); families outside it from its common fields."""
     if family in registry.FAMILIES:
         return registry.tiny_config(family, **overrides)
     from transformers import AutoConfig

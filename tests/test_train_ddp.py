@@ -22,9 +22,9 @@ def _losses(out: Path) -> list[float]:
 
 def test_two_processes_equal_one_process(tmp_path):
     from safetensors.torch import load_file
+    from tiny import make_tiny_llama
 
     from gqa_convert.train.data import split_text
-    from gqa_convert.train.tiny import make_tiny_llama
     from gqa_convert.train.uptrain import UptrainConfig, uptrain
 
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))

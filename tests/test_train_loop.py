@@ -28,7 +28,7 @@ DOCS = [
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from gqa_convert.train.tiny import make_tiny_llama
+    from tiny import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "m", DOCS, layers=2, max_pos=128)
 

@@ -54,11 +54,11 @@ def _losses(out: Path) -> list[float]:
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
     from safetensors.torch import load_file
+    from tiny import make_tiny_llama
     from transformers import AutoModelForCausalLM
 
     from gqa_convert.errors import OutputError
     from gqa_convert.train.data import split_text
-    from gqa_convert.train.tiny import make_tiny_llama
     from gqa_convert.train.uptrain import UptrainConfig, uptrain
 
     need(VAL_TEXT)

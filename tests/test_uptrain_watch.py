@@ -53,7 +53,7 @@ def docs() -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, docs) -> Path:
-    from gqa_convert.train.tiny import make_tiny_llama
+    from tiny import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "m", docs[1000:1100], layers=2)
 

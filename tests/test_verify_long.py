@@ -16,8 +16,9 @@ T = 16384
 
 @pytest.fixture(scope="module")
 def long_pair(tmp_path_factory):
+    from tiny import make_tiny_llama
+
     from gqa_convert.convert import convert_checkpoint
-    from gqa_convert.train.tiny import make_tiny_llama
 
     text = need(SAMPLE_TEXT).read_text()
     root = tmp_path_factory.mktemp("long")

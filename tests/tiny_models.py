@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import tiny as _registry
 import torch
 from transformers import AutoModelForCausalLM
 
-from gqa_convert.merge import tiny as _registry
-
 # The family registry (model types and the config fields that exercise each family's quirks) is
-# gqa_convert.merge.tiny's; these are the test-specific choices on top of it: biases switched on
+# tests/tiny.py's; these are the test-specific choices on top of it: biases switched on
 # where a family allows them, and head_dim 16 where the family reads config.head_dim with a value
 # != hidden/heads (64/8 = 8), to catch a written config that drops it.
 EXTRA = {

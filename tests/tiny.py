@@ -1,15 +1,18 @@
-"""Tiny random models of every supported family (tests, benchmarks): knowledge as data.
+"""Tiny models built in-process, for tests and CPU benchmarks (no downloads); not part of the package.
 
-Each entry is the model_type and the config fields that make a small model exercise the
-family's quirks: biases (qwen2, stablelm, starcoder2, falcon), per-head or whole-projection q/k
-norms (qwen3, olmo2), head_dim ≠ hidden/heads and soft-capping (gemma2), fused qkv and partial
-rotary (phi3), grouped fused layout (falcon), partial rotary (stablelm), MoE FFN (mixtral).
+- the family registry: tiny random models of every supported family (knowledge as data; each
+  entry is the model_type and the config fields that exercise the family's quirks: biases, q/k
+  norms, head_dim != hidden/heads, soft-capping, fused and grouped qkv, partial rotary, MoE FFN);
+- `make_tokenizer` / `make_tiny_llama`: a byte-level BPE tokenizer trained on given texts and a
+  random Llama saved with it.
+
+Benchmarks import it with `sys.path.insert(0, "tests")`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Iterable, Union
 
 import torch
 
@@ -75,3 +78,57 @@ def save_tiny(family: str, folder: Union[str, Path], seed: int = 0, **overrides)
     model = tiny_model(family, seed=seed, **overrides)
     model.save_pretrained(folder)
     return Path(folder)
+
+
+def make_tokenizer(texts: Iterable[str], vocab_size: int = 320):
+    """A byte-level BPE fast tokenizer trained on `texts`; BOS `<s>` prepended, EOS `</s>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_tiny_llama(
+    folder: Union[str, Path],
+    texts: Iterable[str],
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_pos: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised float32 LlamaForCausalLM + tokenizer to `folder`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer(texts)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_pos,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).float()
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
