@@ -410,7 +410,7 @@ if __name__ == "__main__":  # the measured-vs-planned table of docs/long-context
         )
 
 
-LLAMA3_8B = {
+LLAMA3_8B_CONFIG = {
     "model_type": "llama",
     "architectures": ["LlamaForCausalLM"],
     "hidden_size": 4096,
@@ -429,7 +429,7 @@ def test_plan_command_reports_uptraining_memory(tmp_path, capsys):
 
     from gqa_convert.commands import main
 
-    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B_CONFIG))
     base = [
         "plan",
         str(tmp_path),
