@@ -73,7 +73,9 @@ def measure_costs(model, context: int, *, seed: int = 0) -> dict:
     original = getattr(model.config, "_attn_implementation", None)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids[:, :-1], cache=cache, use_cache=True)
+        # Only the last position's logits: the prefill's [T, V] logits would be 8 GB at T=16K for a
+        # 128K vocabulary (benchmarks/long_context_memory.py), and nothing reads them.
+        model(input_ids=ids[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
         try:
             model.set_attn_implementation("eager")
             counter = FlopCounterMode(display=False)
