@@ -45,9 +45,16 @@ def _reference(folder) -> list[torch.Tensor]:
     return sig
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3", "falcon", "olmo2"])
-def test_layer_by_layer_sigma_matches_full_forward(family, tmp_path):
-    folder = save_tiny(family, tmp_path / family, num_hidden_layers=3)
+# Mixtral: transformers 5 converts its checkpoint (block_sparse_moe.experts.N.w1/w2/w3) into stacked
+# mlp.experts tensors while loading; 12 experts, top 2, so the checkpoint's names sort experts.10
+# before experts.2 and a wrong stacking order would change later layers' inputs.
+@pytest.mark.parametrize(
+    "family, extra",
+    [pytest.param(f, {}, id=f) for f in ("llama", "qwen2", "gemma2", "phi3", "falcon", "olmo2")]
+    + [pytest.param("mixtral", dict(num_local_experts=12, num_experts_per_tok=2), id="mixtral")],
+)
+def test_layer_by_layer_sigma_matches_full_forward(family, extra, tmp_path):
+    folder = save_tiny(family, tmp_path / family, num_hidden_layers=3, **extra)
     got = layer_covariances(folder, CHUNKS)
     ref = _reference(folder)
     assert len(got) == len(ref) == 3

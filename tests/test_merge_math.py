@@ -310,7 +310,7 @@ def _chunks(n: int, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randint(0, 64, (1, 64), generator=g) for _ in range(n)]
 
 
-@pytest.mark.parametrize("family", ["falcon", "phi3", "stablelm", "qwen3", "gemma2"])
+@pytest.mark.parametrize("family", ["falcon", "phi3", "stablelm", "qwen3", "gemma2", "mixtral"])
 def test_converter_with_calibrated_optimal_recovers_related_heads(family, tmp_path):
     """End to end: calibration, the family's layout adapters, the converter's JSON report."""
     from transformers import AutoModelForCausalLM

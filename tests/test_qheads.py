@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM
 
 from gqa_convert.architectures import families
 from gqa_convert.convert import convert_checkpoint
-from gqa_convert.errors import CheckpointError, ConfigError, InvalidHeadCountError, UnsupportedModelError
+from gqa_convert.errors import ConfigError, InvalidHeadCountError, UnsupportedModelError
 from gqa_convert.merge.calibrate import layer_covariances
 from gqa_convert.merge.qheads import (
     greedy_choice,
@@ -40,14 +40,6 @@ from gqa_convert.merge.qheads import (
 from gqa_convert.regroup import HeadShape
 
 SUPPORTED = [f for f in FAMILIES if not families()[f].q_heads_refused]
-# Calibration materialises one decoder layer at a time by the model's parameter names; transformers
-# 5 saves Mixtral's experts in the legacy layout (block_sparse_moe.experts.N.w1 ...) and converts
-# them only inside from_pretrained, so the layer-by-layer pass cannot load them (the KV `optimal`
-# merge fails the same way). Strict: this starts failing when the calibration learns the mapping.
-MIXTRAL_CALIBRATION = pytest.mark.xfail(
-    raises=CheckpointError, strict=True, reason="calibration cannot load Mixtral's legacy-layout experts"
-)
-CALIBRATED = [pytest.param(f, marks=MIXTRAL_CALIBRATION) if f == "mixtral" else f for f in SUPPORTED]
 REFUSED = {"falcon": "head_dim", "stablelm": "head_dim", "olmo2": "q_norm"}
 IDS = torch.tensor([[1, 17, 42, 5, 99, 23, 8, 64, 31, 77, 12, 3]])
 CALIB = [torch.randint(3, 100, (1, 64), generator=torch.Generator().manual_seed(s)) for s in range(8)]  # 512 tokens
@@ -134,7 +126,7 @@ def test_identity_is_exact(family, tmp_path):
     assert _record(out.output)["query_heads"] is None and out.query_heads is None
 
 
-@pytest.mark.parametrize("family", CALIBRATED)
+@pytest.mark.parametrize("family", SUPPORTED)
 def test_dead_heads_are_pruned_exactly_and_the_output_is_a_stock_model(family, tmp_path):
     model = tiny_model(family)
     kill_heads(model, DEAD)
@@ -184,7 +176,7 @@ def test_kv_heads_nobody_reads_any_more_are_dropped(family, tmp_path):
     assert _close(logits(out, IDS), logits(model, IDS))
 
 
-@pytest.mark.parametrize("family", CALIBRATED)
+@pytest.mark.parametrize("family", SUPPORTED)
 def test_merge_reproduces_duplicated_query_heads(family, tmp_path):
     """Identical heads in pairs, halved: merge keeps one of each with o_proj = the pair's sum; prune loses one."""
     model = tiny_model(family)

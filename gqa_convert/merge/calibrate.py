@@ -150,17 +150,79 @@ def _attention_module(layer: nn.Module) -> nn.Module:
     raise CheckpointError(f"cannot find the attention module of {type(layer).__name__} (looked for {ATTENTION_NAMES})")
 
 
-def _materialize(module: nn.Module, prefix: str, reader: TensorReader, dtype: torch.dtype) -> None:
-    """Replace module's meta parameters by the checkpoint's tensors (cast to dtype)."""
-    for pname, param in list(module.named_parameters(recurse=True)):
-        full = f"{prefix}.{pname}" if prefix else pname
-        if full not in reader:
+class _CheckpointLayout:
+    """Which checkpoint tensors make each model parameter, by transformers' own loading rules.
+
+    transformers 5 loads some families through a checkpoint conversion mapping
+    (`transformers.conversion_mapping`), applied inside `from_pretrained` and reversed by
+    `save_pretrained`: Mixtral's checkpoints hold `block_sparse_moe.gate` and one
+    `experts.N.w1/w2/w3` per expert, the module has `mlp.gate` and the stacked
+    `mlp.experts.gate_up_proj` [E, 2I, D] (w1 and w3 concatenated) and `down_proj` [E, D, I]; the
+    Qwen2-MoE family and the families mapped onto it are stacked the same way. Building the
+    skeleton from the config and loading it layer by layer must make the same renamings and run
+    the same tensor operations, so the rules are transformers' own objects
+    (`get_model_conversion_mapping`, `rename_source_key`, the converters' `convert`), not a copy
+    of them: a family transformers renames next release is loaded the way it loads it.
+    """
+
+    def __init__(self, model: PreTrainedModel, names: Iterable[str]):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)  # the split convert_and_load_state_dict_in_model makes
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        by_pattern = {p: c for c in converters for p in c.source_patterns}
+        meta = model.state_dict()  # on meta: names and shapes only
+        prefix = getattr(model, "base_model_prefix", None)
+        # target parameter -> (the converter, or None for a plain rename; [(checkpoint name, pattern)])
+        self.sources: dict[str, tuple[Optional[Any], list[tuple[str, str]]]] = {}
+        # natural order (experts.2 before experts.10): the converters stack experts in list order
+        for key in sorted(names, key=dot_natural_key):
+            target, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+            if target not in meta and key in meta:  # what transformers does: keep a name the model has
+                target, pattern = rename_source_key(key, [], [], prefix, meta)
+            if target not in meta:
+                continue  # a tensor the model does not hold (transformers reports it as unexpected)
+            converter = None if pattern is None else by_pattern[pattern]
+            self.sources.setdefault(target, (converter, []))[1].append((key, pattern or key))
+
+    def load(self, model: nn.Module, names: Iterable[str], reader: TensorReader) -> dict[str, Tensor]:
+        """The tensors of the given parameter names (full names in `model`), converted as transformers would."""
+        from copy import deepcopy
+
+        wanted = set(names)
+        out: dict[str, Tensor] = {}
+        for target, (converter, sources) in self.sources.items():
+            if target not in wanted:
+                continue
+            if converter is None:
+                out[target] = reader.get(sources[0][0])
+                continue
+            job = deepcopy(converter)  # it collects tensors: one instance per target, as in from_pretrained
+            for key, pattern in sources:
+                if key not in reader:
+                    raise CheckpointError(f"tensor {key} is missing from the checkpoint")
+                job.add_tensor(target, key, pattern, reader.get(key))
+            made = job.convert(target, model=model, config=getattr(model, "config", None))
+            out.update({k: v[0] if isinstance(v, list) else v for k, v in made.items() if k in wanted})
+        return out
+
+
+def _materialize(
+    model: nn.Module, names: Sequence[str], layout: _CheckpointLayout, reader: TensorReader, dtype: torch.dtype
+) -> None:
+    """Replace the model's meta parameters of these (full) names by the checkpoint's tensors, cast to dtype."""
+    tensors = layout.load(model, names, reader)
+    for full in names:
+        if full not in tensors:
             raise CheckpointError(f"tensor {full} is missing from the checkpoint")
-        t = reader.get(full).to(dtype)
+        t = tensors.pop(full).to(dtype)
+        owner_name, _, leaf = full.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        param = getattr(owner, leaf)
         if tuple(t.shape) != tuple(param.shape):
             raise CheckpointError(f"tensor {full} has shape {tuple(t.shape)}, the config implies {tuple(param.shape)}")
-        owner_name, _, leaf = pname.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
         setattr(owner, leaf, nn.Parameter(t, requires_grad=False))
 
 
@@ -175,7 +237,6 @@ def _empty_model(folder: Path):
     return model.eval(), config
 
 
-@torch.no_grad()
 @dataclass(frozen=True)
 class RunOptions:
     """Where the calibration's layer passes run and whether they show progress."""
@@ -214,6 +275,7 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
+@torch.no_grad()
 def layer_covariances(
     folder: Union[str, Path],
     chunks: Sequence[Tensor],
@@ -240,7 +302,8 @@ def layer_covariances(
     n_layers = int(config.num_hidden_layers)
     prefix, layers = _find_layers(model, n_layers)
     reader = TensorReader(folder)
-    _load_outside_layers(model, layers, reader, dtype)
+    layout = _CheckpointLayout(model, reader.names())
+    _load_outside_layers(model, layers, layout, reader, dtype)
 
     originals = list(layers)
     kwargs_by_len: dict[int, list] = {}  # chunk length -> per layer (args, kwargs)
@@ -267,7 +330,8 @@ def layer_covariances(
     for i in tqdm(range(n_layers), desc="calibration", unit="layer", disable=not run.progress, dynamic_ncols=True):
         layer = layers[i]
         with TensorReader(folder) as layer_reader:  # reopened per layer for the same reason
-            _materialize(layer, f"{prefix}.{i}", layer_reader, dtype)
+            names = [f"{prefix}.{i}.{n}" for n, _ in layer.named_parameters()]
+            _materialize(model, names, layout, layer_reader, dtype)
         layer.to(device)
         acc: list[Tensor] = []  # Σ_i, sized by the first input the hook sees (the site's width)
 
@@ -313,20 +377,16 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _load_outside_layers(model: PreTrainedModel, layers: nn.ModuleList, reader: TensorReader, dtype) -> None:
+def _load_outside_layers(
+    model: PreTrainedModel, layers: nn.ModuleList, layout: _CheckpointLayout, reader: TensorReader, dtype
+) -> None:
     """Load the embeddings and small norms; the decoder layers wait, an untied output head is skipped."""
     skip = {id(p) for p in layers.parameters()}
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
     if out_emb is not None:
         skip |= {id(p) for p in out_emb.parameters()} - {id(p) for p in in_emb.parameters()}
-    for name, param in list(model.named_parameters()):
-        if id(param) in skip:
-            continue
-        owner_name, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        if name not in reader:
-            raise CheckpointError(f"tensor {name} is missing from the checkpoint")
-        setattr(owner, leaf, nn.Parameter(reader.get(name).to(dtype), requires_grad=False))
+    names = [name for name, param in model.named_parameters() if id(param) not in skip]
+    _materialize(model, names, layout, reader, dtype)
 
 
 def _layer0_inputs(model: nn.Module, layers: nn.ModuleList, chunks: Sequence[Tensor]) -> list[Tensor]:
