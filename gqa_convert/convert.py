@@ -30,7 +30,7 @@ from .errors import CheckpointError, ConfigError, InvalidHeadCountError, OutputE
 from .fileio import FolderLock, remove_stale_temp_dirs, temp_dir_beside
 from .records import ConversionRecord, HeadLayout
 from .regroup import METHODS, HeadShape, LayerMethod, valid_kv_counts, valid_q_counts
-from .source import aliases, cache_dir, load_config, resolve_source
+from .source import aliases, cache_dir, load_config, resolve_source, snapshot_commit
 from .units import parse_size
 
 # Files of a source folder that are never copied: weights (rewritten), the config (rewritten),
@@ -243,7 +243,9 @@ def convert_checkpoint(
             # a hub id or alias as given; for a local folder only its name (no local paths published)
             source=Path(str(source)).name if local else str(source),
             source_repo=aliases()[str(source)].repo if str(source) in aliases() else None,
+            source_path=str(Path(str(source)).expanduser().resolve()) if local else None,  # local only
             revision=revision,
+            source_commit=None if local else snapshot_commit(src),
             family=family.name,
             old=HeadLayout(**asdict(old)),
             new=HeadLayout(**asdict(new)),

@@ -28,6 +28,7 @@ from .errors import (
 )  # fmt: skip
 from .fileio import write_text_atomic
 from .huberrors import _first_line, hub_error
+from .records import ConversionRecord
 from .settings import is_repo_id
 
 # What a published model folder holds (matched against the path relative to the folder).
@@ -44,6 +45,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".
 TRAINING_STATE = ("optimizer*", "scheduler*", "rng_state*", "trainer_state*", "training_args*")
 TRAINING_DIRS = ("checkpoint", "checkpoints", "checkpoint-*", "checkpoint.*", "runs", "logs", ".cache", ".*")
 MAX_FILE_BYTES = 50 * 1000**3  # the hub refuses single files over 50 GB
+KEPT_REMOTE = {".gitattributes"}  # the hub's own file: a push never deletes it
 
 
 @dataclass
@@ -67,6 +69,7 @@ class PushResult:
     commit_url: Optional[str] = None  # None for a dry run
     commit_oid: Optional[str] = None
     refusal: Optional[str] = None  # dry run only: why a real push would be refused
+    deleted: list[str] = field(default_factory=list)  # files an earlier push left, removed in the same commit
 
 
 def plan_upload(folder: Path) -> UploadPlan:
@@ -137,26 +140,30 @@ def _card_needs_repo_id(folder: Path) -> bool:
     return not path.is_file() or 'from_pretrained("REPO_ID")' in path.read_text(errors="replace")
 
 
-def _complete_card(folder: Path, repo_id: str) -> None:
-    """Write the card if missing; else fill the repo id into its usage snippet, keeping any edits."""
-    from .card import write_model_card
+def _completed_card(folder: Path, repo_id: str) -> str:
+    """The card as push uploads it: rendered when missing, else with the repo id filled into its
+    usage snippet (any edits kept). Nothing is written: the local card changes only after the
+    commit has landed, so a failed push leaves the folder as it was."""
+    from .card import render_card
 
     path = Path(folder) / "README.md"
     if not path.is_file():
-        write_model_card(folder, repo_id=repo_id)
-        return
-    text = path.read_text().replace('from_pretrained("REPO_ID")', f'from_pretrained("{repo_id}")')
-    write_text_atomic(path, text)
+        return render_card(folder, repo_id=repo_id)
+    return path.read_text().replace('from_pretrained("REPO_ID")', f'from_pretrained("{repo_id}")')
 
 
-def validate_card(folder: Path, *, remote: bool, token: Optional[str] = None) -> None:
-    """Parse README.md's YAML metadata (and model-index) locally; with `remote`, ask the hub's validator too."""
+def validate_card(folder: Path, *, remote: bool, token: Optional[str] = None, text: Optional[str] = None) -> None:
+    """Parse README.md's YAML metadata (and model-index) locally; with `remote`, ask the hub's
+    validator too. `text`: the card to check instead of the file (the one push is about to upload)."""
     from huggingface_hub import ModelCard
 
     path = Path(folder) / "README.md"
-    if not path.is_file():
-        raise CheckpointError(f"{folder} has no README.md model card: run `gqa-convert verify` (it writes the card)")
-    text = path.read_text()
+    if text is None:
+        if not path.is_file():
+            raise CheckpointError(
+                f"{folder} has no README.md model card: run `gqa-convert verify` (it writes the card)"
+            )
+        text = path.read_text()
     if not text.startswith("---"):
         raise ConfigError(f"{path} has no YAML metadata block (--- ... ---) at the top: regenerate the card")
     try:
@@ -171,6 +178,18 @@ def validate_card(folder: Path, *, remote: bool, token: Optional[str] = None) ->
             raise ConfigError(f"the hub rejected {path}'s metadata ({_first_line(err)}); fix the YAML block") from None
         except Exception as err:
             raise hub_error(err, "the card validator", "validate the model card") from None
+
+
+def _upload_bytes(folder: Path, rel: str, card: Optional[str]):
+    """What goes up for `rel`: the completed card, the conversion record without its local-only
+    fields (the source's absolute path), else the file itself (streamed from disk)."""
+    if rel == "README.md" and card is not None:
+        return card.encode()
+    if rel == ConversionRecord.FILE:
+        record = ConversionRecord.read(folder)
+        if record is not None:
+            return record.published()
+    return str(folder / rel)
 
 
 def push(
@@ -215,23 +234,14 @@ def push(
                 raise
             refusal = str(err)  # a dry run still lists the files, then reports the refusal
     branch = revision or "main"
-    if not dry_run and _card_needs_repo_id(folder):
-        _complete_card(folder, repo_id)
-        plan = plan_upload(folder)
+    card = _completed_card(folder, repo_id) if _card_needs_repo_id(folder) else None
+    if card is not None and not (folder / "README.md").is_file():
+        plan.files.append(("README.md", len(card.encode())))
+    validate_card(folder, remote=False, text=card)
     if dry_run:
-        if _card_needs_repo_id(folder):  # the card push would write: render and check it, write nothing
-            from .card import check_card_text, render_card
-
-            text = render_card(folder, repo_id=repo_id)
-            check_card_text(text)
-            if not (folder / "README.md").is_file():
-                plan.files.append(("README.md (to be generated)", len(text.encode())))
-        else:
-            validate_card(folder, remote=False)
         return PushResult(repo_id, branch, plan, refusal=refusal)
-    validate_card(folder, remote=False)
 
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
 
     token = token or get_token()
     if not token:
@@ -239,12 +249,21 @@ def push(
             f"pushing to {repo_id} needs a hub token with write access: log in with `hf auth login` or set HF_TOKEN"
         )
     api = HfApi(token=token)
-    validate_card(folder, remote=True, token=token)
+    validate_card(folder, remote=True, token=token, text=card)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         if branch != "main":
             api.create_branch(repo_id, branch=branch, exist_ok=True)
-        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel, _ in plan.files]
+        # The branch becomes exactly this folder's allow-list: files an earlier push left (an old
+        # model.safetensors beside new shards would be what from_pretrained loads) are deleted in
+        # the same commit, so the repo is never a mix of two models.
+        uploads = {rel for rel, _ in plan.files}
+        stale = sorted(set(api.list_repo_files(repo_id, revision=branch)) - uploads - KEPT_REMOTE)
+        operations: list = [
+            CommitOperationAdd(path_in_repo=rel, path_or_fileobj=_upload_bytes(folder, rel, card))
+            for rel in sorted(uploads)
+        ]
+        operations += [CommitOperationDelete(path_in_repo=rel) for rel in stale]
         info = api.create_commit(
             repo_id,
             operations=operations,
@@ -253,4 +272,6 @@ def push(
         )
     except Exception as err:  # every failure becomes one actionable line
         raise hub_error(err, repo_id, "push to") from None
-    return PushResult(repo_id, branch, plan, commit_url=str(info.commit_url), commit_oid=info.oid)
+    if card is not None:  # the commit landed: now the local card names the repo too
+        write_text_atomic(folder / "README.md", card)
+    return PushResult(repo_id, branch, plan, commit_url=str(info.commit_url), commit_oid=info.oid, deleted=stale)

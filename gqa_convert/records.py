@@ -4,8 +4,10 @@
     uptrain.json       UptrainRecord       written by uptrain, beside the final model
     verification.json  VerificationRecord  written by verify
 
-They are published with the model, so they hold names and hub ids, never local paths. Each has a
-`schema_version`; a reader accepts files of older versions (missing fields take their defaults)
+They are published with the model, so what they publish is names and hub ids, never local paths:
+a field that must stay on this machine (the source's absolute path, which lets `verify` find the
+source again) is named in the record's LOCAL_ONLY and left out of `published()`, the bytes `push`
+uploads. Each has a `schema_version`; a reader accepts files of older versions (missing fields take their defaults)
 and ignores keys it does not know, so a newer file still reads. No torch here: the card, the
 pipeline and push read them without the training stack.
 """
@@ -29,13 +31,22 @@ class Record(BaseModel):
     model_config = ConfigDict(extra="ignore")
     FILE: ClassVar[str]
     VERSION: ClassVar[int] = 1
+    LOCAL_ONLY: ClassVar[tuple[str, ...]] = ()  # fields never published (local paths)
     schema_version: int = 1
+
+    def _data(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        data["schema_version"] = self.VERSION
+        return data
 
     def write(self, folder: Union[str, Path]) -> Path:
         """The one writer: FOLDER/FILE, atomically (never half-written)."""
-        data = self.model_dump(mode="json")
-        data["schema_version"] = self.VERSION
-        return write_json_atomic(Path(folder) / self.FILE, data)
+        return write_json_atomic(Path(folder) / self.FILE, self._data())
+
+    def published(self) -> bytes:
+        """The file as it goes to the hub: without the LOCAL_ONLY fields."""
+        data = {k: v for k, v in self._data().items() if k not in self.LOCAL_ONLY}
+        return (json.dumps(data, indent=2) + "\n").encode()
 
     @classmethod
     def read(cls: type[R], folder: Union[str, Path]) -> Optional[R]:
@@ -64,17 +75,36 @@ class HeadLayout(Heads):
 
 class ConversionRecord(Record):
     FILE: ClassVar[str] = "gqa_convert.json"
+    LOCAL_ONLY: ClassVar[tuple[str, ...]] = ("source_path",)  # dropped from the published copy
     version: str = ""  # gqa-convert's
     source: str = "unknown"  # a hub id or alias as given; a local folder by its name only
     source_repo: Optional[str] = None  # the alias's hub repo
-    source_path: Optional[str] = None  # never written by convert (published); a caller may record one
-    revision: Optional[str] = None
+    # A local source's absolute path, so `verify` and `uptrain` find it again from any directory.
+    # Local only: `push` publishes the record without it (LOCAL_ONLY).
+    source_path: Optional[str] = None
+    revision: Optional[str] = None  # the hub revision as given (branch, tag or commit)
+    source_commit: Optional[str] = None  # the hub commit the weights came from (the cache snapshot's)
     family: str = ""
     old: Optional[HeadLayout] = None
     new: Optional[HeadLayout] = None
     method: str = "mean"
     report: dict[str, Any] = Field(default_factory=dict)  # per layer (and "summary") from a merge method
     query_heads: Optional["QueryHeads"] = None  # the query-head change (convert q_heads); None: unchanged
+
+    def find_source(self) -> Optional[tuple[str, Optional[str]]]:
+        """Where the source is now, as (spec, revision) for `resolve_source`: the recorded local path
+        while it is still there, else the hub id at the commit the weights came from; None when
+        neither (a local source moved or deleted, or a record without a source)."""
+        if self.source_path:  # a local source
+            return (self.source_path, None) if Path(self.source_path).exists() else None
+        at = self.source_commit or self.revision
+        if self.source_repo:  # an alias
+            return self.source_repo, at
+        if self.source != "unknown" and "/" in self.source:  # a hub id as given
+            return self.source, at
+        if self.source != "unknown" and Path(self.source).exists():  # an older record: a folder's name
+            return self.source, None
+        return None
 
 
 class QueryHeadLayer(BaseModel):

@@ -67,6 +67,12 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "gqa-convert"
 
 
+def snapshot_commit(folder: Path) -> Optional[str]:
+    """The hub commit of a huggingface_hub cache snapshot folder (`.../snapshots/<sha>`), else None."""
+    name = Path(folder).name
+    return name if Path(folder).parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", name) else None
+
+
 def resolve_source(
     spec: str,
     *,

@@ -27,6 +27,7 @@ import torch
 from . import __version__
 from .architectures import read_config
 from .errors import ConfigError, DataError
+from .hostmem import return_large_frees_to_os
 from .recipe import validate_settings
 from .records import (
     Check,
@@ -193,6 +194,16 @@ def _versions() -> dict:
     }
 
 
+def _source_not_found(model_dir: Path, record: ConversionRecord) -> str:
+    """Why the recorded source cannot be used, and what to pass instead."""
+    fix = "pass --source PATH (the checkpoint it was converted from)"
+    if record.source_path:
+        return f"{model_dir} was converted from {record.source_path}, which is no longer there; {fix}"
+    if record.source != "unknown":
+        return f"{model_dir} was converted from a local folder named {record.source!r}, which is not here; {fix}"
+    return f"{model_dir} has no conversion record; {fix}"
+
+
 def verify_model(
     model_dir: Union[str, Path],
     source: Optional[str],
@@ -241,18 +252,13 @@ def verify_model(
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"{model_dir} is not a model folder (no config.json); give the converted model's folder")
     record = ConversionRecord.read(model_dir) or ConversionRecord()
+    source_revision = None
     if not source:
-        source = record.source_repo or (record.source if record.source != "unknown" else None)
-        if not source:
-            raise ConfigError(
-                f"{model_dir} has no conversion record; pass --source (the checkpoint it was converted from)"
-            )
-        if source_repo_id(source) is None and not Path(source).exists():
-            raise ConfigError(
-                f"{model_dir} was converted from a local folder named {source!r}, which is not here; "
-                "pass --source PATH (the checkpoint it was converted from)"
-            )
-    src_dir = resolve_source(str(source))
+        found = record.find_source()
+        if found is None:
+            raise ConfigError(_source_not_found(model_dir, record))
+        source, source_revision = found
+    src_dir = resolve_source(str(source), revision=source_revision)
     if src_dir.resolve() == model_dir.resolve():
         raise ConfigError("--source is the model itself; give the checkpoint it was converted from")
     # The same readers as uptraining (text/JSONL/Parquet/folder/HF dataset); its held-out slice
@@ -285,6 +291,8 @@ def verify_model(
 
     results, costs = {}, {}
     device = _device(s.device)
+    if device.type == "cpu":
+        return_large_frees_to_os()  # each document's freed loss chunks would otherwise stay resident
     weights = _weights_dtype(s.dtype, device)
     dtype = str(weights).removeprefix("torch.")
     for name, folder in (("source", src_dir), ("converted", model_dir)):

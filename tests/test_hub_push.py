@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +206,47 @@ def test_missing_card_is_generated(hub, verified, capsys):
     assert not (verified / "README.md").exists()  # a dry run writes nothing
     push(verified, "alice/gen")
     assert b"Verification: PASSED" in hub.files("alice/gen")["README.md"]
+
+
+def test_second_push_leaves_exactly_this_model(hub, verified, capsys):
+    """A repo that held another model (one file, pickle, notes): after the push it holds exactly the
+    allow-list, in ONE commit, and from_pretrained loads the new weights (not a stale file)."""
+    from transformers import AutoModelForCausalLM
+
+    old = {"model.safetensors": b"old weights", "pytorch_model.bin": b"old pickle", "notes.txt": b"x",
+           "model-00001-of-00002.safetensors": b"old shard", ".gitattributes": b"*.safetensors filter=lfs\n"}  # fmt: skip
+    hub.add_repo("alice/reshard", old)
+    commits = len(hub.state.repos["alice/reshard"].commits)
+    assert main(["push", str(verified), "--repo", "alice/reshard", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    uploaded = {f["path"] for f in out["files"]}
+    assert out["deleted"] == ["model-00001-of-00002.safetensors", "notes.txt", "pytorch_model.bin"]
+    assert set(hub.files("alice/reshard")) == uploaded | {".gitattributes"}
+    assert len(hub.state.repos["alice/reshard"].commits) == commits + 1
+    model = AutoModelForCausalLM.from_pretrained("alice/reshard")
+    ref = load_file(verified / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.items())
+
+
+def test_failed_push_leaves_the_local_card_as_it_was(hub, verified):
+    card = verified / "README.md"
+    before = card.read_bytes()
+    assert b'from_pretrained("REPO_ID")' in before  # verify's card, waiting for the repo id
+    hub.state.fail_commits = 1
+    with pytest.raises(HubError):
+        push(verified, "alice/cardfail")
+    assert card.read_bytes() == before  # the repo id goes into the local card only after the commit lands
+    push(verified, "alice/cardfail")
+    assert b'from_pretrained("alice/cardfail")' in card.read_bytes()
+    assert hub.files("alice/cardfail")["README.md"] == card.read_bytes()
+
+
+def test_published_record_drops_the_local_source_path(hub, verified):
+    from gqa_convert.records import ConversionRecord
+
+    local = ConversionRecord.read(verified)
+    assert local is not None and local.source_path and Path(local.source_path).is_absolute()  # kept here
+    push(verified, "alice/record")
+    published = json.loads(hub.files("alice/record")["gqa_convert.json"])
+    assert "source_path" not in published and published["source"] == local.source
+    assert local.source_path not in json.dumps(published)

@@ -119,3 +119,26 @@ def test_disk_full_is_reported_and_the_stage_reruns(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert "No space left on device" in err and "re-run the same command" in err
     assert _stages(run_dir)["plan"]["status"] == "done" and _stages(run_dir)["convert"]["status"] == "running"
+
+
+def test_summary_says_what_did_not_run_and_why(tmp_path, capsys):
+    """The summary names each stage that did nothing and why (no uptrain section, no push.repo:
+    never "push done" when nothing was pushed); --json prints only the summary on stdout."""
+    run_dir = tmp_path / "run"
+    args = ["run", str(RECIPE), *_overrides(run_dir), "kv_heads=4", "uptrain.enabled=false",
+            "verify.heldout_docs=20", "verify.retrieval=false", "convert.method=mean"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert lines["convert"].split()[1] == "done" and lines["verify"].split()[1] == "done"
+    assert "not run: the recipe has no uptrain section" in lines["uptrain"]
+    assert "not run: no push.repo" in lines["push"] and "--push-to" in lines["push"]
+
+    assert main([*args, "--json"]) == 0  # nothing changed: every stage is up to date
+    out, err = capsys.readouterr()
+    summary = json.loads(out)  # stdout is the JSON alone; the stage logs went to stderr
+    assert "[convert] up to date, skipped" in err
+    stages = summary["stages"]
+    assert [stages[s]["status"] for s in ("plan", "convert", "verify", "card")] == ["up to date"] * 4
+    assert stages["push"]["reason"].startswith("no push.repo") and stages["uptrain"]["reason"]
+    assert Path(summary["run_dir"]) == run_dir

@@ -86,3 +86,40 @@ def test_verification_never_scores_training_documents(tmp_path):
                 BASE + "uptrain: {enabled: true, data: d, steps: 3, heldout_docs: 50}\nverify: {heldout_docs: 200}\n",
             )
         )
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipe_runs_where_it_is(path):
+    """No shipped recipe asks for flash-attn: on this machine (no flash-attn, no CUDA) the
+    pre-flight check that would refuse `attn: flash` passes for every one of them."""
+    from gqa_convert.pipeline.stages import preflight
+
+    recipe = load_recipe(path)
+    assert recipe.uptrain.attn == "auto"
+    preflight(recipe)
+
+
+def test_refusal_names_the_recipe_key_before_any_work(tmp_path, capsys):
+    """`attn: flash` where flash-attn cannot run: refused before the first stage (nothing converted),
+    naming the recipe key and its fix, not the uptrain command's --attn flag."""
+    from gqa_convert.commands import main
+
+    fixtures = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+    run_dir = tmp_path / "run"
+    rc = main(["run", str(RECIPES[0].parent / "demo-stories260k.yaml"), f"run_dir={run_dir}",
+               f"source={fixtures / 'stories260K' / 'stories260K.bin'}",
+               f"uptrain.data={fixtures / 'text' / 'tinystories_val_head.txt'}", "uptrain.attn=flash"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "uptrain.attn: flash cannot run here" in err[0] and "uptrain.attn: auto" in err[0] and "--attn" not in err[0]
+    assert not (run_dir / "converted").exists() and not (run_dir / "state.json").exists()
+
+
+def test_messages_in_recipe_terms():
+    from gqa_convert.pipeline import in_recipe_terms
+
+    assert in_recipe_terms("--lr must be > 0", "uptrain") == "uptrain.lr must be > 0"
+    assert in_recipe_terms("--context 4096 is longer", "uptrain") == "context: 4096 is longer"
+    assert in_recipe_terms("--context 4096 is longer", "uptrain", top=False) == "--context 4096 is longer"
+    assert in_recipe_terms("--device cuda, but none", "verify") == "verify.device: cuda, but none"
+    assert in_recipe_terms("--token is private; --debug shows more", "push") == "--token is private; --debug shows more"

@@ -236,3 +236,21 @@ def test_cli_reports_one_line_errors(tiny, data, tmp_path, capsys):
     )
     out = capsys.readouterr()
     assert rc == 0 and "attention = sdpa" in out.out and "uptrained 2 steps" in out.out
+
+
+def test_cli_json_and_held_out_summary(tiny, data, tmp_path, capsys):
+    """--json prints the result alone on stdout (the log on stderr); the plain summary reports the
+    held-out loss with its slice, not the last noisy training batch."""
+    from gqa_convert.commands import main
+
+    common = ["uptrain", str(tiny), "--data", str(data), "--context", "32", "--steps", "2", "--batch-size", "2",
+              "--heldout-docs", "6", "--eval-docs", "4", "--no-progress"]  # fmt: skip
+    assert main([*common, "--output", str(tmp_path / "j"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert "attention =" in err and result["steps"] == 2 and result["eval_slice"] == "documents[0:4]"
+    evals = [json.loads(x) for x in (tmp_path / "j" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    assert result["eval_loss"] == pytest.approx(evals[-1]["eval_loss"]) and evals[-1]["step"] == 2
+    assert main([*common, "--output", str(tmp_path / "p")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"held-out loss {result['eval_loss']:.4f} (documents[0:4] of heldout.jsonl)" in line

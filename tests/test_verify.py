@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,13 +104,27 @@ def test_bad_input(stories_hf, stories_kv2, val_text, law_file, tmp_path):
     assert main(["verify", str(tmp_path), "--data", str(val_text), "--context", "128"]) == 2
 
 
-def test_default_source_from_convert_record(stories_kv2, val_text, law_file, tmp_path):
-    """Without --source, convert's record names the source; a local one (recorded by name only,
-    no local paths are published) must then be given explicitly."""
-    folder = tmp_path / "copy"
-    shutil.copytree(stories_kv2, folder)
-    with pytest.raises(ConfigError, match="--source"):
-        verify_model(folder, None, val_text, 64, law_path=law_file, documents=4, card=False)
+def test_default_source_from_convert_record(stories_hf, val_text, law_file, tmp_path, monkeypatch):
+    """Without --source, verify finds a local source by the absolute path convert recorded, from
+    any directory (the folder was converted by a relative path); a source moved away since gives
+    one line naming where it was and the flag to pass."""
+    from gqa_convert.convert import convert_checkpoint
+
+    src = tmp_path / "models" / "stories"
+    shutil.copytree(stories_hf, src)
+    monkeypatch.chdir(tmp_path / "models")
+    convert_checkpoint(Path("stories"), Path("converted"), 2, progress=False)  # relative paths
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    folder = tmp_path / "models" / "converted"
+    explicit = verify_model(folder, str(src), val_text, 64, law_path=law_file, documents=4, card=False, write=False)
+    found = verify_model(folder, None, val_text, 64, law_path=law_file, documents=4, card=False, write=False)
+    assert found.loss.source == explicit.loss.source  # the same source model was scored
+    assert found.loss.converted == explicit.loss.converted
+    src.rename(tmp_path / "models" / "moved")
+    with pytest.raises(ConfigError, match=f"converted from {src}, which is no longer there.*--source"):
+        verify_model(folder, None, val_text, 64, law_path=law_file, documents=4, card=False, write=False)
 
 
 def test_published_record_has_no_local_paths(stories_kv2):

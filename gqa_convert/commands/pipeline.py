@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ def register(sub) -> None:
         metavar="KEY=VALUE",
         help="any recipe setting, e.g. uptrain.warmup=0.05 verify.tolerance=0.1",
     )
+    p.add_argument("--json", action="store_true", help="print the run's summary as JSON (stage logs go to stderr)")
     p.set_defaults(func=run_flags)
 
     r = sub.add_parser(
@@ -43,6 +47,7 @@ def register(sub) -> None:
     )
     r.add_argument("recipe", help="recipe file (see recipes/)")
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override any recipe key, e.g. uptrain.steps=100")
+    r.add_argument("--json", action="store_true", help="print the run's summary as JSON (stage logs go to stderr)")
     r.set_defaults(func=run_recipe)
 
 
@@ -51,7 +56,7 @@ def recipe_from_flags(args) -> RunSettings:
     from ..settings import flag_name
 
     data: dict[str, Any] = given(args)
-    for key in ("func", "command", "push_to", "private", "set", "debug"):
+    for key in ("func", "command", "push_to", "private", "set", "debug", "json"):
         data.pop(key, None)
     up = given(args, "uptrain" + SEP)
     if up:
@@ -71,26 +76,31 @@ def recipe_from_flags(args) -> RunSettings:
     )
 
 
-def _print_summary(results: dict, run_dir: Path) -> None:
+def _summary(results: dict, run_dir: Path, as_json: bool) -> None:
+    """One line per stage: done, up to date, or not run and why."""
+    if as_json:
+        print(json.dumps({"run_dir": str(run_dir), "stages": {n: r.to_dict() for n, r in results.items()}}, indent=2))
+        return
     for name, res in results.items():
-        pushed = getattr(res.outputs, "pushed", True)
-        what = "skipped (up to date)" if res.skipped else ("done" if pushed else "not pushed (no push.repo)")
-        print(f"  {name:8s} {what}")
+        print(f"  {name:8s} {res.status}" + (f": {res.not_run}" if res.not_run else ""))
     print(f"run folder: {run_dir}")
 
 
-def run_flags(args) -> int:
+def _run(recipe, as_json: bool, flags: bool = False) -> int:
     from ..pipeline import run_pipeline
 
-    recipe = recipe_from_flags(args)
-    _print_summary(run_pipeline(recipe), Path(recipe.run_dir))
+    # With --json, stdout carries only the summary: the stages' logs (uptraining's included) go to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        results = run_pipeline(recipe, flags=flags)
+    _summary(results, Path(recipe.run_dir), as_json)
     return 0
+
+
+def run_flags(args) -> int:
+    return _run(recipe_from_flags(args), args.json, flags=True)
 
 
 def run_recipe(args) -> int:
-    from ..pipeline import run_pipeline
     from ..recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    _print_summary(run_pipeline(recipe), Path(recipe.run_dir))
-    return 0
+    return _run(load_recipe(args.recipe, args.overrides), args.json)

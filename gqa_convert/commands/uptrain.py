@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import os
+import sys
 
 from ..settings import UptrainConfig
 from .flags import add_flags, settings_from_args
@@ -17,16 +21,29 @@ def register(sub) -> None:
         "Runs under `accelerate launch` / torchrun for DDP/FSDP.",
     )
     add_flags(p, UptrainConfig, positional=("model",))
+    p.add_argument("--json", action="store_true", help="print the result as JSON (the run's log goes to stderr)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..train.uptrain import uptrain
 
-    result = uptrain(settings_from_args(UptrainConfig, args, positional=("model",)))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"uptrained {result.steps} steps, {result.tokens:,} tokens, final train loss {result.final_loss:.4f}, "
-            f"{result.tokens_per_s:,.0f} tokens/s -> {result.output}"
-        )
+    cfg = settings_from_args(UptrainConfig, args, positional=("model",))
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = uptrain(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2, default=str))
+        return 0
+    # The held-out number when there is one (the last batch's training loss is noise), its slice named.
+    loss = (
+        f"held-out loss {result.eval_loss:.4f} ({result.eval_slice} of heldout.jsonl)"
+        if result.eval_loss is not None
+        else f"last-step train loss {result.final_loss:.4f} (no held-out evaluation: --eval-docs 0)"
+    )
+    print(
+        f"uptrained {result.steps} steps, {result.tokens:,} tokens, {loss}, "
+        f"{result.tokens_per_s:,.0f} tokens/s -> {result.output}"
+    )
     return 0

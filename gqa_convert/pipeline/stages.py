@@ -73,6 +73,12 @@ class RunContext:
 class Stage:
     name: ClassVar[str]
     Outputs: ClassVar[type[BaseModel]]
+    section: ClassVar[Optional[str]] = None  # the recipe section whose keys its refusals name
+
+    def __init_subclass__(cls, **kw) -> None:
+        super().__init_subclass__(**kw)
+        if "section" not in cls.__dict__:
+            cls.section = {"plan": "hardware"}.get(cls.name, cls.name)
 
     def inputs(self, run: RunSettings) -> dict:
         raise NotImplementedError
@@ -82,6 +88,23 @@ class Stage:
 
     def after_skip(self, ctx: RunContext) -> None:
         pass
+
+    def not_run(self, outputs: BaseModel) -> Optional[str]:
+        """Why the stage, although it ran, did nothing (the run summary says so); None: it did its work."""
+        return None
+
+
+def preflight(run: RunSettings) -> None:
+    """What can fail without any work but needs the machine, not just the recipe: checked before
+    the first stage, so a run never converts for an hour and then refuses (ConfigError)."""
+    if run.uptrain.enabled:
+        from ..train.backend import choose_attention
+
+        try:
+            choose_attention(run.uptrain.attn)  # flash asked for where it cannot run
+        except ConfigError as err:
+            err.recipe_section = "uptrain"  # type: ignore[attr-defined]
+            raise
 
 
 def _base(run: RunSettings) -> dict:
@@ -292,6 +315,11 @@ class UptrainStage(Stage):
     def after_skip(self, ctx: RunContext) -> None:
         ctx.link_final_model(Path(ctx.output("uptrain", UptrainOutputs).model))
 
+    def not_run(self, outputs: BaseModel) -> Optional[str]:
+        if getattr(outputs, "skipped", False):
+            return "the recipe has no uptrain section (or uptrain.enabled: false); the converted model is verified as it is"
+        return None
+
 
 # --------------------------------------------------------------------------- verify
 class VerifyOutputs(BaseModel):
@@ -406,6 +434,11 @@ class PushStage(Stage):
             commit_message=r.push.message,
         )
         return PushOutputs(pushed=True, repo=r.push.repo, commit=res.commit_url)
+
+    def not_run(self, outputs: BaseModel) -> Optional[str]:
+        if not getattr(outputs, "pushed", True):
+            return "no push.repo in the recipe (set push.repo, or --push-to USER/NAME); the model stays local"
+        return None
 
 
 STAGES: list[Stage] = [PlanStage(), ConvertStage(), UptrainStage(), VerifyStage(), CardStage(), PushStage()]

@@ -39,6 +39,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, GqaConvertError, OutputError, SourceNotFoundError
 from ..fileio import share_modes, write_json_atomic
+from ..hostmem import return_large_frees_to_os
 from ..records import ConversionRecord, UptrainRecord
 from ..settings import UptrainConfig, UptrainSettings, command_line, data_spec
 from .backend import choose_attention
@@ -475,6 +476,8 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
     attn, mcfg, spec, total_steps = validate(cfg, world)
     out = Path(cfg.output)
     cuda = torch.cuda.is_available()
+    if not cuda:
+        return_large_frees_to_os()  # the step's freed multi-MB buffers would otherwise stay resident
     tracking = cfg.report_to != "none"
     accelerator = Accelerator(
         mixed_precision="bf16" if cuda else "no",
