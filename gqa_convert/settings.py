@@ -294,22 +294,34 @@ class UptrainSettings(TextFormat, TrainSlice):
         None, "budget as a fraction of the source's pretraining tokens, e.g. 0.05", gt=0, le=1
     )
     pretraining_tokens: Optional[TokenCount] = field(None, "the source's pretraining tokens for --alpha, e.g. 2T")
-    lr: float = field(1e-4, "maximum learning rate", gt=0)
+    lr: Optional[float] = field(
+        None,
+        "maximum learning rate (default: by the model's width, 0.32 / hidden_size clamped to [1e-5, 5e-3]: "
+        "5e-3 at 64, 7.8e-5 at 4096; docs/uptrain.md, Defaults)",
+        gt=0,
+    )
     lr_floor: Fraction = field(0.1, "the decay ends at this fraction of --lr")
     batch_size: int = field(8, "sequences per process per micro-step", gt=0)
     grad_accum: int = field(1, "micro-steps per optimizer step", gt=0)
-    warmup: float = field(0.1, "WSD warmup fraction of the steps", ge=0, lt=1)
-    decay: Fraction = field(0.2, "WSD cosine-decay fraction of the steps")
+    warmup: float = field(0.05, "WSD warmup fraction of the steps", ge=0, lt=1)
+    decay: Fraction = field(0.5, "WSD cosine-decay fraction of the steps")
     weight_decay: float = field(0.1, "AdamW weight decay", ge=0)
     betas: tuple[float, float] = field((0.9, 0.95), "AdamW betas")
     clip: float = field(1.0, "gradient-norm clipping", gt=0)
     train: Literal["all", "attention", "kv"] = field(
-        "all", "what trains: all, attention, or kv (the regrouped k/v projections)"
+        "attention", "what trains: attention (q/k/v/o of every layer), all, or kv (the regrouped k/v projections)"
+    )
+    distill: bool = field(
+        True,
+        "distil from the unconverted model: --distill-from, else the source recorded in the model's "
+        "gqa_convert.json when it is found (in a run: the run's source); --no-distill: next-token loss only",
     )
     distill_from: Optional[str] = field(
-        None, "unconverted model to distil from (in a run: default the source when --distill-weight > 0)", metavar="SRC"
+        None,
+        "unconverted model to distil from (default: the recorded source; in a run: the run's source)",
+        metavar="SRC",
     )
-    distill_weight: Fraction = field(0.0, "weight of KL(teacher||student) in the loss")
+    distill_weight: Fraction = field(1.0, "weight w of KL(teacher||student) in the loss (1-w)*CE + w*KL")
     lora: bool = field(False, "train LoRA adapters (peft), merged back on save")
     lora_rank: int = field(16, "LoRA rank", gt=0)
     attn: Literal["auto", "flash", "sdpa", "packed"] = field(
@@ -386,8 +398,6 @@ class UptrainConfig(UptrainSettings, CommandConfig):
     @model_validator(mode="after")
     def _one_budget(self):
         self.check_budget()
-        if self.distill_weight > 0 and not self.distill_from:
-            raise ValueError("--distill-weight > 0 needs --distill-from SOURCE (the unconverted model)")
         return self
 
 

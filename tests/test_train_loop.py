@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gqa_convert.errors import ConfigError, DataError, OutputError
+from gqa_convert.errors import ConfigError, DataError, OutputError, SourceNotFoundError
 from gqa_convert.train.schedule import wsd_factor
 from gqa_convert.train.uptrain import UptrainConfig, resolve_steps, uptrain
 
@@ -75,7 +75,7 @@ def test_wsd_schedule_matches_the_paper():
         (dict(steps=None, tokens="1K", alpha=0.1), ConfigError, ["exactly one budget"]),
         (dict(attn="flash"), ConfigError, ["flash"]),
         (dict(train="mlp"), ConfigError, ["--train"]),
-        (dict(distill_weight=0.5), ConfigError, ["--distill-from"]),
+        (dict(distill_from="/nonexistent/teacher"), SourceNotFoundError, ["teacher", "/nonexistent/teacher"]),
         (dict(heldout_docs=10_000), DataError, ["no training documents"]),
     ],
 )
@@ -144,7 +144,7 @@ def test_lora_is_merged_on_save(tiny, data, tmp_path):
 
 def test_distillation_logs_kl_and_trains(tiny, data, tmp_path):
     out = tmp_path / "distil"
-    r = uptrain(cfg(tiny, data, out, distill_from=str(tiny), distill_weight=1.0, train="kv"))
+    r = uptrain(cfg(tiny, data, out, distill_from=str(tiny), distill_weight=1.0, train="kv", warmup=0.1, decay=0.2))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     # the teacher is the model's own starting point: KL starts at exactly 0 and training on it changes nothing much
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)

@@ -17,6 +17,7 @@ UPTRAIN = (
     "batch_size",
     "grad_accum",
     "gradient_checkpointing",
+    "distill",
     "distill_weight",
     "tokens",
     "attn",

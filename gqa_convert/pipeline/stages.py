@@ -139,8 +139,8 @@ def memory_plan(shape, context: int, up, hw, *, converted_heads: Optional[tuple[
         batch_size=up.batch_size,
         grad_accum=up.grad_accum,
         gradient_checkpointing=ckpt,
-        distill=up.distill_weight > 0,
-        teacher=shape if up.distill_weight > 0 else None,
+        distill=up.distill and up.distill_weight > 0,
+        teacher=shape if up.distill and up.distill_weight > 0 else None,
         attention=attention,
         chunk_tokens=up.loss_chunk_tokens,
         tokens_per_s=hw.tokens_per_s,
@@ -299,7 +299,9 @@ class UptrainStage(Stage):
         resume = resuming and any((target / d).is_dir() for d in ("checkpoint", "checkpoint.old"))
         if not resume and target.exists():
             shutil.rmtree(target)
-        distill_from = u.distill_from or (str(ctx.source_dir()) if u.distill_weight > 0 else None)
+        # The teacher is the run's source (distillation is on by default; uptrain.distill: false turns
+        # it off); the learning rate, when not set, is chosen by uptrain from the model's width.
+        distill_from = u.distill_from or (str(ctx.source_dir()) if u.distill and u.distill_weight > 0 else None)
         settings = u.model_dump(exclude={"enabled"})
         cfg = UptrainConfig(
             **{**settings, "distill_from": distill_from},

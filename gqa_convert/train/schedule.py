@@ -20,3 +20,18 @@ def wsd_factor(step: int, total: int, warmup: float = 0.1, decay: float = 0.2, f
         progress = min(1.0, (step - decay_start + 1) / n_decay)
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return 1.0
+
+
+# The default maximum learning rate, by the model's width (docs/uptrain.md, "Defaults"): Adam's
+# update of a hidden matrix moves each output by about lr x fan-in, so the step that keeps that
+# change the same size shrinks as 1/width (muP's rule for Adam). LR_WIDTH was measured on
+# stories260K (width 64: best 5e-3) and a second TinyStories model (width 128); the clamp keeps
+# tiny test models and very wide ones in the range where uptraining was seen to work.
+LR_WIDTH = 0.32  # lr = LR_WIDTH / hidden_size
+LR_MIN, LR_MAX = 1e-5, 5e-3
+
+
+def default_lr(hidden_size: int) -> float:
+    """The maximum LR uptraining uses without --lr: LR_WIDTH / hidden_size in [LR_MIN, LR_MAX]
+    (5e-3 at 64, 2.5e-3 at 128, 7.8e-5 at Llama-3-8B's 4096, 3.9e-5 at 8192)."""
+    return min(LR_MAX, max(LR_MIN, LR_WIDTH / hidden_size))

@@ -73,6 +73,7 @@ RUN_FIELDS = (
     "betas",
     "clip",
     "train",
+    "distill",
     "distill_from",
     "distill_weight",
     "lora",
@@ -208,8 +209,8 @@ def validate(cfg: UptrainConfig, world: int = 1):
                 "--loss-impl liger needs CUDA and liger-kernel (pip install liger-kernel); "
                 "use --loss-impl chunked (the default) or auto"
             )
-        if cfg.distill_weight > 0:
-            raise ConfigError("--loss-impl liger has no distillation KL; use --loss-impl chunked with --distill-weight")
+        if cfg.distill and cfg.distill_weight > 0 and cfg.distill_from:  # a recorded teacher: resolve_defaults
+            raise ConfigError("--loss-impl liger has no distillation KL; pass --no-distill, or use --loss-impl chunked")
     check_tracker(cfg.report_to)
     try:
         mcfg = AutoConfig.from_pretrained(cfg.model)
@@ -234,6 +235,84 @@ def validate(cfg: UptrainConfig, world: int = 1):
             f"--output {out} exists and is not empty; pass --resume to continue that run or choose a new folder"
         )
     return attn, mcfg, spec, steps
+
+
+# ----------------------------------------------------------------------------- defaults resolved
+
+
+def recorded_source(model: str) -> tuple[Optional[str], str]:
+    """(a local folder or file of the source the model's gqa_convert.json names, or None; what it
+    is, for the log). Never downloads: a hub source counts only when it is in the local cache."""
+    record = ConversionRecord.read(model) if Path(model).is_dir() else None
+    if record is None:
+        return None, f"{model} has no conversion record (gqa_convert.json) naming its source"
+    name = record.source_repo or record.source
+    if record.source_path:  # a local source, by its absolute path
+        if Path(record.source_path).exists():
+            return record.source_path, record.source_path
+        return None, f"the recorded source {record.source_path} is not there any more"
+    repo = record.source_repo or (record.source if "/" in record.source else None)
+    if repo is None:
+        return None, f"the record names the source only as {name!r}, not a path or hub id"
+    from huggingface_hub import try_to_load_from_cache
+
+    at = getattr(record, "source_commit", None) or record.revision
+    config = try_to_load_from_cache(repo, "config.json", revision=at)
+    folder = Path(config).parent if isinstance(config, str) else None
+    if folder is None or not any(folder.glob("*.safetensors")):
+        return None, f"the recorded source {repo} is not in the local hub cache (nothing is downloaded for it)"
+    return str(folder), f"{repo} (local hub cache)"
+
+
+def resolve_defaults(cfg: UptrainConfig, mcfg) -> tuple[UptrainConfig, list[str]]:
+    """The run's settings with the defaults that depend on the model filled in, and what the log
+    says about them: the learning rate by the model's width (schedule.default_lr) when --lr is not
+    given, and the teacher: --distill-from, else the recorded source when it is found, else none
+    (distill off, and the log says why). Checked here, before any work: a teacher that cannot be
+    loaded, or one with another vocabulary."""
+    from transformers import AutoConfig
+
+    from .schedule import default_lr
+
+    notes, update = [], {}
+    if cfg.lr is None:
+        width = int(getattr(mcfg, "hidden_size", 0) or 0)
+        if not width:
+            raise ConfigError(f"{cfg.model}'s config has no hidden_size to choose a learning rate by; pass --lr")
+        update["lr"] = default_lr(width)
+        notes.append(f"uptrain: learning rate {update['lr']:.3g} (by width: 0.32 / hidden_size {width}; --lr to set)")
+    if not cfg.distill or cfg.distill_weight == 0:
+        why = "--no-distill" if not cfg.distill else "--distill-weight 0"
+        notes.append(f"uptrain: no distillation ({why}): next-token loss only")
+        return cfg.model_copy(update=update), notes
+    teacher, what = cfg.distill_from, f"{cfg.distill_from} (--distill-from)"
+    if teacher is None:
+        teacher, what = recorded_source(cfg.model)
+        if teacher is None:
+            notes.append(
+                f"uptrain: no distillation: {what}; training on next-token loss only "
+                "(--distill-from SRC to distil from the unconverted model)"
+            )
+            return cfg.model_copy(update={**update, "distill": False}), notes
+        what += " (the recorded source; --no-distill to turn off)"
+        if teacher.endswith(".bin") and Path(teacher).is_file():  # a llama2.c checkpoint: its cached import
+            from ..source import resolve_source
+
+            teacher = str(resolve_source(teacher))
+    try:
+        tcfg = AutoConfig.from_pretrained(teacher)
+    except (OSError, ValueError) as err:
+        raise SourceNotFoundError(f"cannot load the teacher {teacher!r}: {str(err).splitlines()[0][:160]}") from None
+    if getattr(tcfg, "vocab_size", None) != getattr(mcfg, "vocab_size", None):
+        raise ConfigError(
+            f"the teacher {teacher} has vocabulary {tcfg.vocab_size}, the model {mcfg.vocab_size}; "
+            "distil from the model it was converted from (--distill-from SRC) or pass --no-distill"
+        )
+    if cfg.loss_impl == "liger":
+        raise ConfigError("--loss-impl liger has no distillation KL; pass --no-distill, or use --loss-impl chunked")
+    w = cfg.distill_weight
+    notes.append(f"uptrain: distilling from {what}: loss = {1 - w:g}*CE + {w:g}*KL(teacher || model)")
+    return cfg.model_copy(update={**update, "distill_from": teacher}), notes
 
 
 # ----------------------------------------------------------------------------- model set-up
@@ -474,6 +553,7 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     attn, mcfg, spec, total_steps = validate(cfg, world)
+    cfg, default_notes = resolve_defaults(cfg, mcfg)
     out = Path(cfg.output)
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -497,6 +577,8 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
         + f", {accelerator.num_processes} process(es) on {accelerator.device}"
         + (f" ({accelerator.distributed_type.value})" if accelerator.num_processes > 1 else "")
     )
+    for note in default_notes:
+        log(note)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if tokenizer.eos_token_id is None:
@@ -528,7 +610,7 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
         if cfg.train != "all" or cfg.lora:
             model.enable_input_require_grads()
     teacher = None
-    if cfg.distill_from and cfg.distill_weight > 0:
+    if cfg.distill and cfg.distill_from and cfg.distill_weight > 0:
         teacher = (
             AutoModelForCausalLM.from_pretrained(
                 cfg.distill_from, dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation=attn
@@ -545,6 +627,7 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
 
     model = accelerator.prepare(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    assert cfg.lr is not None  # resolve_defaults chose it by the model's width
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: wsd_factor(s, total_steps, cfg.warmup, cfg.decay, cfg.lr_floor)
