@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from ..architectures import read_config
 from ..checkpoint import TensorReader
 from ..errors import CheckpointError, DataError
+from ..hostmem import release_freed_memory
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -359,22 +360,8 @@ def layer_covariances(
             del sigma
         else:
             results.append(sigma)
-        _release_freed_memory()
+        release_freed_memory()  # each layer's freed buffers would otherwise stay as heap fragments
     return results
-
-
-def _release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc only; a no-op elsewhere).
-
-    Without it glibc's growing mmap threshold leaves each layer's freed multi-MB buffers as heap
-    fragments, and the resident size creeps up by a few MB per layer although nothing is kept.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _load_outside_layers(
