@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Union
@@ -80,6 +81,7 @@ class FolderLock:
         self.path = self.folder.parent / f".{self.folder.name}.lock"
         self.what = what
         self._fd: Any = None
+        self._created: list[Path] = []
 
     def probe(self) -> None:
         """Fail now if another run holds the lock (before long work such as calibration); takes nothing."""
@@ -100,15 +102,20 @@ class FolderLock:
     def _busy(self, fd: int):
         from .errors import OutputError
 
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        holder = " ".join(os.pread(fd, 128, 0).decode(errors="replace").split()) or "?"
         raise OutputError(
-            f"{self.what} {self.folder} is being written by another gqa-convert run (pid {holder[:16]}); "
+            f"{self.what} {self.folder} is being written by another gqa-convert run (pid {holder[:80]}); "
             "wait for it to finish or stop it, or choose another folder"
         ) from None
 
     def __enter__(self) -> "FolderLock":
         import fcntl
 
+        self._created = []  # parents this lock created: removed again on release if still empty
+        p = self.folder.parent
+        while not p.exists() and p != p.parent:
+            self._created.append(p)
+            p = p.parent
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
@@ -128,7 +135,8 @@ class FolderLock:
                 break
             os.close(fd)
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        # "PID on HOST": a pid alone names nobody when the folder is on a file system several machines share.
+        os.write(fd, f"{os.getpid()} on {socket.gethostname()[:60]}".encode())
         self._fd = fd
         return self
 
@@ -141,6 +149,11 @@ class FolderLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+        for d in self._created:  # a refused run leaves no empty folders behind
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 def share_modes(folder: Union[str, Path]) -> None:

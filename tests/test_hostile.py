@@ -238,3 +238,76 @@ def test_resume_with_damaged_files(tiny, tmp_path, capsys, damage, words):
     target = up / damage
     target.write_bytes(target.read_bytes()[: max(1, target.stat().st_size // 3)])
     assert words in _one_line_failure(capsys, [*args, "--resume"])
+
+
+@pytest.fixture
+def holder():
+    """Another process holding a FolderLock on a folder (a second, concurrent gqa-convert run)."""
+    import subprocess
+    import sys
+
+    procs = []
+
+    def hold(folder):
+        code = (
+            "import sys, time\nfrom gqa_convert.fileio import FolderLock\n"
+            "lock = FolderLock(sys.argv[1]).__enter__()\nprint('held', flush=True)\ntime.sleep(120)\n"
+        )
+        p = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+        procs.append(p)
+        assert p.stdout is not None and p.stdout.readline().strip() == "held"
+        return p.pid
+
+    yield hold
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def _uptrain_args(model, data, out):
+    return ["uptrain", model, "--data", data, "--context", "32", "--steps", "2", "--batch-size", "2",
+            "--heldout-docs", "5", "--output", out, "--no-progress"]  # fmt: skip
+
+
+def test_second_run_on_a_run_folder_fails_at_once_and_changes_nothing(tiny, tmp_path, capsys, holder):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "state.json").write_text('{"stages": {}}\n')  # what the first run keeps there
+    (run_dir / "recipe.yaml").write_text("source: first-run\n")
+    before = _hashes(run_dir)
+    pid = holder(run_dir)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"source: {tiny}\nkv_heads: 2\ncontext: 64\nrun_dir: {run_dir}\n")
+    for argv in (["run", recipe], [tiny, "--kv-heads", "2", "--context", "64", "--run-dir", run_dir]):
+        t0 = time.perf_counter()
+        line = _one_line_failure(capsys, argv, 2)
+        assert "run folder" in line and f"pid {pid} on " in line and time.perf_counter() - t0 < 10
+    assert _hashes(run_dir) == before and sorted(p.name for p in run_dir.iterdir()) == ["recipe.yaml", "state.json"]
+
+
+def test_second_uptrain_into_an_output_fails_at_once(tiny, tmp_path, capsys, holder):
+    data = tmp_path / "d.txt"
+    data.write_text("\n\n".join(f"document {i} " * 20 for i in range(60)))
+    out = tmp_path / "up"
+    pid = holder(out)
+    line = _one_line_failure(capsys, _uptrain_args(tiny, data, out), 2)
+    assert "uptraining output" in line and f"pid {pid} on " in line and not out.exists()
+    line = _one_line_failure(capsys, [*_uptrain_args(tiny, data, out), "--resume"], 2)
+    assert f"pid {pid} on " in line and not out.exists()
+
+
+def test_second_verify_of_a_model_folder_fails_at_once(tiny, tmp_path, capsys, holder):
+    model = tmp_path / "m"
+    shutil.copytree(tiny, model)
+    before = _hashes(model)
+    pid = holder(model)
+    line = _one_line_failure(
+        capsys, ["verify", model, "--source", tiny, "--data", SAMPLE_TEXT, "--context", "64", "--no-retrieval"], 2
+    )
+    assert "model folder" in line and f"pid {pid} on " in line and _hashes(model) == before
+
+
+def test_refused_output_leaves_no_parent_folders(tiny, tmp_path, capsys):
+    out = tmp_path / "a" / "b" / "up"
+    _one_line_failure(capsys, _uptrain_args(tiny, tmp_path / "no-such-data.txt", out), 2)
+    assert not (tmp_path / "a").exists()

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 from ..settings import UptrainConfig
 from .flags import add_flags, settings_from_args
@@ -26,10 +27,18 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..fileio import FolderLock
     from ..train.uptrain import uptrain
 
     cfg = settings_from_args(UptrainConfig, args, positional=("model",))
-    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+    # One writer per --output (rank 0 of a distributed run holds it for all ranks), taken before
+    # the output's checks: a second run fails at once naming the holder, the folder untouched.
+    lock = (
+        FolderLock(Path(os.path.abspath(cfg.output)), "uptraining output")
+        if int(os.environ.get("RANK", "0")) == 0
+        else contextlib.nullcontext()
+    )
+    with lock, contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         result = uptrain(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

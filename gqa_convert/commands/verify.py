@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -41,6 +43,7 @@ def _public(spec: Optional[str]) -> Optional[str]:
 
 def run(args) -> int:
     from ..errors import VerificationFailed
+    from ..fileio import FolderLock
     from ..verify import format_table, verify_model
 
     top = settings_from_args(TOP, args)
@@ -57,16 +60,21 @@ def run(args) -> int:
             *(["--law", shlex.quote(_public(top.law) or "")] if top.law else []),
         ]
     ) + _flags(public)
-    report = verify_model(
-        Path(args.model),
-        args.source,
-        s.data,
-        top.context,
-        settings=s,
-        law_path=top.law,
-        card=args.card,
-        command=command,
-    )
+    # One writer of MODEL's verification.json and README.md at a time: a second verify of the same
+    # folder fails at once naming the holder, instead of racing the first one's files.
+    # (Only an existing folder: a mistyped MODEL gets verify_model's one line, no folders created.)
+    model = Path(os.path.abspath(args.model))
+    with FolderLock(model, "model folder") if model.is_dir() else contextlib.nullcontext():
+        report = verify_model(
+            Path(args.model),
+            args.source,
+            s.data,
+            top.context,
+            settings=s,
+            law_path=top.law,
+            card=args.card,
+            command=command,
+        )
     print(report.model_dump_json(indent=2) if args.json else format_table(report))
     if not report.passed:
         print("gqa-convert: verification failed: " + "; ".join(report.reasons), file=sys.stderr)

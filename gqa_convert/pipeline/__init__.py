@@ -16,6 +16,7 @@ last checkpoint). The stages themselves are in `stages.py`.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Callable, Optional, get_args
 from pydantic import BaseModel
 
 from ..errors import ConfigError, GqaConvertError, VerificationFailed
-from ..fileio import write_text_atomic
+from ..fileio import FolderLock, write_text_atomic
 from ..recipe import dump_recipe
 from ..settings import RunSettings
 from .stages import STAGES, RunContext, Stage, preflight
@@ -113,6 +114,20 @@ def _run(recipe: RunSettings, log: Callable[[str], None]) -> dict[str, StageResu
     run_dir = Path(recipe.run_dir)
     _check_run_dir(run_dir, recipe.source)
     preflight(recipe)
+    # One run at a time per run folder, taken before anything in it is written: a second run fails
+    # at once naming the holder, and leaves state.json and recipe.yaml as the first one keeps them.
+    lock = FolderLock(Path(os.path.abspath(run_dir)), "run folder")
+    try:
+        lock.__enter__()
+    except OSError as err:
+        raise ConfigError(f"cannot create run folder {run_dir}: {err.strerror}; choose a writable --run-dir") from None
+    try:
+        return _run_locked(recipe, run_dir, log)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _run_locked(recipe: RunSettings, run_dir: Path, log: Callable[[str], None]) -> dict[str, StageResult]:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
