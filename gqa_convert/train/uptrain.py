@@ -227,9 +227,14 @@ def validate(cfg: UptrainConfig, world: int = 1):
         )
     if cfg.resume:
         if not (out / CKPT).is_dir() and not (out / CKPT_OLD).is_dir():
-            raise OutputError(f"--resume: no checkpoint in {out}; run without --resume to start")
-        _read_run_config(out)
-        _check_checkpoint(out)
+            # A run killed before its first checkpoint left its settings: --resume starts it over
+            # there (without them the folder is no run of ours).
+            if not (out / CONFIG_FILE).is_file():
+                raise OutputError(f"--resume: no checkpoint in {out}; run without --resume to start")
+            _read_run_config(out)
+        else:
+            _read_run_config(out)
+            _check_checkpoint(out)
     elif out.exists() and any(out.iterdir()):
         raise OutputError(
             f"--output {out} exists and is not empty; pass --resume to continue that run or choose a new folder"
@@ -584,13 +589,17 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of {cfg.model} has no EOS token, needed between packed documents")
     out.mkdir(parents=True, exist_ok=True)
-    if main and not cfg.resume:
-        write_json_atomic(out / CONFIG_FILE, cfg.model_dump(mode="json"))
-        write_heldout(spec, out / "heldout.jsonl")
     if cfg.resume:
         diff = run_differences(_read_run_config(out), cfg.model_dump(mode="json"))
         if diff:
             raise ConfigError(f"--resume with different settings ({', '.join(diff)}); use the original ones")
+    # --resume of a run killed before its first checkpoint: nothing to continue, it starts over.
+    restart = cfg.resume and not (out / CKPT).is_dir() and not (out / CKPT_OLD).is_dir()
+    if main and (not cfg.resume or restart):
+        write_json_atomic(out / CONFIG_FILE, cfg.model_dump(mode="json"))
+        write_heldout(spec, out / "heldout.jsonl")
+        if restart:
+            _trim_metrics(out / "metrics.jsonl", 0)
     accelerator.wait_for_everyone()
     eval_docs, eval_slice, eval_at = _eval_plan(cfg, spec, tokenizer, total_steps, log)
 
@@ -649,7 +658,7 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
         else "uptrain: training documents in the order of the source (--no-shuffle)"
     )
     start, tokens_done, elapsed_before = 0, 0, 0.0
-    if cfg.resume:
+    if cfg.resume and not restart:
         try:
             state = load_checkpoint(out, accelerator, model, optimizer, scheduler)
         except GqaConvertError:
