@@ -68,6 +68,20 @@ def remove_stale_temp_dirs(final: Union[str, Path], log=None) -> list[Path]:
     return removed
 
 
+def raise_if_disk_full(path: Union[str, Path], err: BaseException) -> None:
+    """A writer outside Python's I/O (torch.save's zip writer) reports a full disk as an opaque
+    error: raise OSError(ENOSPC) naming PATH instead when its file system has (almost) no space left."""
+    import errno
+    import shutil
+
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return
+    if free < 16 << 20:  # what a failed write leaves on a full disk (the partial file still holds its space)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+
+
 class FolderLock:
     """An exclusive lock on writing FOLDER: `.NAME.lock` beside it, flock'ed, holding the pid.
 

@@ -66,6 +66,32 @@ def _save_traceback() -> str:
     return path
 
 
+def _rerun(args: argparse.Namespace) -> str:
+    """How to continue: the same command, except that an uptraining run continues with --resume."""
+    if getattr(args, "command", None) == "uptrain" and not getattr(args, "resume", False):
+        return "re-run the same command with --resume"
+    return "re-run the same command"
+
+
+_DISK_FULL = ("no space left on device", "storagefull", "os error 28", "disk quota exceeded", "errno 28")
+
+
+def _disk_full(err: BaseException) -> bool:
+    """ENOSPC anywhere in the chain, or in the message of a writer that wraps it (safetensors'
+    `IoError(Os { code: 28, kind: StorageFull })`, torch's `PytorchStreamWriter failed writing file`)."""
+    seen: set[int] = set()
+    e: Optional[BaseException] = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e).lower()
+        if any(k in text for k in _DISK_FULL):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def quiet_transformers() -> None:
     """transformers' own "Loading weights" / "Writing model shards" bars: off, our commands show
     their own progress, and a failing command should print its one line, not bars before it."""
@@ -96,20 +122,29 @@ def main(argv: Optional[list[str]] = None) -> int:
         return err.exit_code
     except OSError as err:
         where = f" {_short(err.filename)}" if err.filename else ""
-        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
-            fix = "free space or choose a writable folder"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "the disk is full: free space there or choose a folder on another disk"
+        elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            fix = "choose a writable folder"
         else:
             fix = "check the path"
         print(
-            f"gqa-convert: error: cannot use{where}: {err.strerror or type(err).__name__}; {fix}, then re-run the "
-            "same command (completed work is kept, partial output was discarded)",
+            f"gqa-convert: error: cannot use{where}: {err.strerror or type(err).__name__}; {fix}, then "
+            f"{_rerun(args)} (completed work is kept, partial output was discarded)",
             file=sys.stderr,
         )
-        return 1
+        return 2
     except KeyboardInterrupt:
-        print("gqa-convert: interrupted; re-run the same command to resume.", file=sys.stderr)
+        print(f"gqa-convert: interrupted; {_rerun(args)} to resume.", file=sys.stderr)
         return 130
     except Exception as err:  # a bug of ours: one line, the traceback kept where it can be read
+        if _disk_full(err):  # a writer outside Python's I/O (safetensors, torch.save) that reports ENOSPC its way
+            print(
+                "gqa-convert: error: the disk is full (no space left on device while writing); free space or "
+                f"choose an output on another disk, then {_rerun(args)} (completed work is kept)",
+                file=sys.stderr,
+            )
+            return 2
         if debug:
             raise
         log = _save_traceback()

@@ -38,7 +38,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import CheckpointError, ConfigError, GqaConvertError, OutputError, SourceNotFoundError
-from ..fileio import share_modes, write_json_atomic
+from ..fileio import raise_if_disk_full, share_modes, write_json_atomic
 from ..hostmem import return_large_frees_to_os
 from ..records import ConversionRecord, UptrainRecord
 from ..settings import UptrainConfig, UptrainSettings, command_line, data_spec
@@ -375,10 +375,14 @@ def save_checkpoint(out: Path, accelerator, model, optimizer, scheduler, state: 
     rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-        tmp / f"optimizer.rank{accelerator.process_index}.pt",
-    )
+    try:
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+            tmp / f"optimizer.rank{accelerator.process_index}.pt",
+        )
+    except RuntimeError as err:  # torch's zip writer says "unexpected pos" for a full disk
+        raise_if_disk_full(tmp, err)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         share_modes(tmp)
