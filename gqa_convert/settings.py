@@ -330,6 +330,12 @@ class UptrainSettings(TextFormat, TrainSlice):
         "SDPA call per packed document, no [T, T] mask), sdpa (stock, with the [T, T] document mask)",
     )
     gradient_checkpointing: Optional[bool] = field(None, "recompute activations in backward (default: on with CUDA)")
+    sequence_parallel: int = field(
+        1,
+        "sequence-parallel degree: DeepSpeed Ulysses splits every row's tokens over this many processes "
+        "(launch with torchrun; the [sp] extra; docs/parallel.md)",
+        gt=0,
+    )
     loss_chunk_tokens: Optional[int] = field(
         None,
         "tokens per chunk of the output head in the loss (default: "

@@ -58,9 +58,12 @@ MULTIPLY = {"cohere", "cohere2"}  # logits * logit_scale
 
 
 def unwrap(model):
-    """The module itself under DDP / accelerate (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    """The module itself under DDP / accelerate / DeepSpeed (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while True:
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        # DeepSpeedEngine by name: importing deepspeed (an optional extra) costs seconds
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) or (
+            type(model).__name__ == "DeepSpeedEngine" and hasattr(model, "module")
+        ):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
@@ -219,6 +222,7 @@ def chunked_token_losses(
     teacher_head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     chunk_tokens: Optional[int] = None,
     impl: str = "chunked",
+    shifted: bool = False,
 ):
     """(sum of CE, sum of KL(teacher||student), number of targets) over the shifted targets.
 
@@ -230,8 +234,11 @@ def chunked_token_losses(
     if teacher_hidden is not None and teacher_head is None:
         raise ValueError("teacher_hidden needs teacher_head")
     # Row t predicts label t+1. For one row (the usual micro-batch at long context) these are views, no copy.
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    y = labels[:, 1:].reshape(-1)
+    # `shifted`: labels are already each position's target (a sequence-parallel slice of a row, whose
+    # last token predicts the first token of the next rank's slice: train/sequence_parallel.shard).
+    cut = None if shifted else -1
+    h = hidden[:, :cut].reshape(-1, hidden.shape[-1])
+    y = (labels if shifted else labels[:, 1:]).reshape(-1)
     n = int((y != IGNORE).sum())
     if _use_liger(impl, hidden, head, teacher_hidden is not None):
         assert isinstance(head, Head)  # _use_liger checked it
@@ -242,7 +249,7 @@ def chunked_token_losses(
     hs, ys = h.split(size), y.split(size)
     ths: tuple = (None,) * len(hs)
     if teacher_hidden is not None:
-        ths = teacher_hidden[:, :-1].reshape(-1, teacher_hidden.shape[-1]).split(size)
+        ths = teacher_hidden[:, :cut].reshape(-1, teacher_hidden.shape[-1]).split(size)
     ce = kl = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for hc, yc, tc in zip(hs, ys, ths):
         if torch.is_grad_enabled():  # drop this chunk's logits now, recompute them when the backward reaches it

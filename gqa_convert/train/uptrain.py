@@ -83,11 +83,12 @@ RUN_FIELDS = (
     "seed",
     "shuffle",
     "shuffle_buffer",  # compared only when shuffling
+    "sequence_parallel",  # the data-parallel degree, and so the rows of a step, follow it
     "eval_docs",  # the held-out curve of a resumed run is one curve
 )
 # What a run whose uptrain_config.json predates a field did (its order was the file order); fields
 # missing from an older config and not listed here are not compared.
-LEGACY_RUN_FIELDS = {"shuffle": False}
+LEGACY_RUN_FIELDS = {"shuffle": False, "sequence_parallel": 1}
 
 
 @dataclass
@@ -217,8 +218,12 @@ def validate(cfg: UptrainConfig, world: int = 1):
     except (OSError, ValueError) as err:
         raise SourceNotFoundError(f"cannot load a model config from {cfg.model!r}: {str(err).splitlines()[0]}") from err
     check_context(mcfg, cfg.context)
+    if cfg.sequence_parallel > 1:  # the degree, the heads, the attention, DeepSpeed installed
+        from .sequence_parallel import check as check_sequence_parallel
+
+        check_sequence_parallel(cfg.sequence_parallel, world, mcfg, attn)
     spec = data_spec(cfg.data, cfg, cfg.heldout_docs, cfg.train_start)
-    steps = resolve_steps(cfg, world)
+    steps = resolve_steps(cfg, world // cfg.sequence_parallel)  # rows per step follow the data-parallel ranks
     spec.check()
     out = Path(cfg.output)
     if Path(cfg.model).exists() and out.resolve() == Path(cfg.model).resolve():
@@ -568,23 +573,42 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
     if not cuda:
         return_large_frees_to_os()  # the step's freed multi-MB buffers would otherwise stay resident
     tracking = cfg.report_to != "none"
-    accelerator = Accelerator(
-        mixed_precision="bf16" if cuda else "no",
-        cpu=not cuda,
-        log_with=cfg.report_to if tracking else None,
-        project_dir=str(out) if tracking else None,
-    )
+    sp = cfg.sequence_parallel
+    if sp > 1:  # DeepSpeed Ulysses through accelerate's ParallelismConfig (train/sequence_parallel.py)
+        from . import sequence_parallel as spm
+
+        accelerator = spm.make_accelerator(
+            sp,
+            cfg.context,
+            attn,
+            cfg.clip,
+            mixed_precision="bf16" if cuda else "no",
+            log_with=cfg.report_to if tracking else None,
+            project_dir=str(out) if tracking else None,
+        )
+    else:
+        accelerator = Accelerator(
+            mixed_precision="bf16" if cuda else "no",
+            cpu=not cuda,
+            log_with=cfg.report_to if tracking else None,
+            project_dir=str(out) if tracking else None,
+        )
     main = accelerator.is_main_process
     accelerator.wait_for_everyone()  # every rank has validated the output folder before rank 0 writes to it
     if accelerator.num_processes != world:  # WORLD_SIZE unset under some launchers
         world = accelerator.num_processes
-        total_steps = resolve_steps(cfg, world)
+        total_steps = resolve_steps(cfg, world // sp)
+    # From here `world` counts the data-parallel ranks: an SP group of `sp` consecutive ranks trains
+    # on the same rows, each rank on its slice of every row's tokens.
+    sp_rank = accelerator.process_index % sp
+    world, dp_rank = world // sp, accelerator.process_index // sp
     log = accelerator.print
     log(
         f"uptrain: attention = {attn}"
         + ("" if attn.startswith("flash") else " (PyTorch SDPA; flash-attn not used)")
         + f", {accelerator.num_processes} process(es) on {accelerator.device}"
         + (f" ({accelerator.distributed_type.value})" if accelerator.num_processes > 1 else "")
+        + (f", sequence parallel {sp} (DeepSpeed Ulysses) x data parallel {world}" if sp > 1 else "")
     )
     for note in default_notes:
         log(note)
@@ -638,14 +662,20 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
                 f"the model {model.config.vocab_size}; distil from the model it was converted from"
             )
 
-    model = accelerator.prepare(model)
+    if sp == 1:
+        model = accelerator.prepare(model)
     params = [p for p in model.parameters() if p.requires_grad]
     assert cfg.lr is not None  # resolve_defaults chose it by the model's width
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: wsd_factor(s, total_steps, cfg.warmup, cfg.decay, cfg.lr_floor)
     )
-    optimizer = accelerator.prepare(optimizer)
+    if sp == 1:
+        optimizer = accelerator.prepare(optimizer)
+    else:  # DeepSpeed takes model and optimizer together (its engine steps the same AdamW)
+        model, optimizer = spm.prepare(
+            accelerator, model, optimizer, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum
+        )
     log(
         f"uptrain: {total_steps} steps x {cfg.context * cfg.batch_size * cfg.grad_accum * world:,} tokens, "
         f"training {n_train:,} parameters ({cfg.train}{', LoRA' if cfg.lora else ''})"
@@ -698,11 +728,13 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
             row_docs.append(list(stream.last_docs))
         # The number of targets in the whole global batch normalises every micro-batch's loss sum.
         n_targets = int((collate(global_rows)["labels"][:, 1:] != IGNORE).sum())
-        scale = accelerator.num_processes / n_targets  # DDP/FSDP average gradients over processes
+        # DDP/FSDP average gradients over processes; Ulysses sums them over its SP ranks and averages
+        # over the data-parallel ones (sequence_parallel.loss_scale): world = data-parallel ranks.
+        scale = world / n_targets
         ce_sum = torch.zeros((), device=accelerator.device)
         kl_sum = torch.zeros((), device=accelerator.device)
         for micro in range(cfg.grad_accum):
-            first = (micro * world + accelerator.process_index) * cfg.batch_size
+            first = (micro * world + dp_rank) * cfg.batch_size
             batch = {
                 k: v.to(accelerator.device) for k, v in collate(global_rows[first : first + cfg.batch_size]).items()
             }
@@ -712,14 +744,24 @@ def uptrain(cfg: UptrainConfig) -> UptrainResult:
                 # The loss from the final hidden states, a chunk of tokens at a time through the
                 # output head: never the [T, V] logits (train/loss.py; 67 GB at 128K for Llama-3).
                 with accelerator.autocast():
-                    ce, kl, _ = packed_losses(
-                        model, batch, teacher, chunk_tokens=cfg.loss_chunk_tokens, impl=cfg.loss_impl
-                    )
+                    if sp > 1:  # this rank's slice of the rows (targets shifted on the whole row)
+                        part = spm.shard(batch, sp, sp_rank)
+                        ce, kl, _ = spm.losses(model, batch, part, teacher, sp=sp, sp_rank=sp_rank,
+                                               chunk_tokens=cfg.loss_chunk_tokens, impl=cfg.loss_impl)  # fmt: skip
+                    else:
+                        ce, kl, _ = packed_losses(
+                            model, batch, teacher, chunk_tokens=cfg.loss_chunk_tokens, impl=cfg.loss_impl
+                        )
                 loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * kl if teacher is not None else ce
-                accelerator.backward(loss * scale)
+                if sp > 1:
+                    spm.backward(model, loss * scale, last)
+                else:
+                    accelerator.backward(loss * scale)
             ce_sum += ce.detach()
             kl_sum += kl.detach()
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.clip)
+        # Under DeepSpeed its engine clips (to cfg.clip, set in its config) and steps here; the
+        # optimizer.step()/zero_grad() below are then accelerate's no-ops.
+        grad_norm = spm.step(model) if sp > 1 else accelerator.clip_grad_norm_(params, cfg.clip)
         lr_used = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
