@@ -4,6 +4,7 @@ changed setting that re-runs only the stages after it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from hubserver import hub  # noqa: F401
 from gqa_convert.commands import main
 
 RECIPE = ROOT / "recipes" / "demo-stories260k.yaml"
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
 def _overrides(run_dir: Path) -> list[str]:
@@ -26,6 +28,7 @@ def _overrides(run_dir: Path) -> list[str]:
         f"source={need(FIXTURES / 'stories260K' / 'stories260K.bin')}",
         f"uptrain.data={need(FIXTURES / 'text' / 'tinystories_val_head.txt')}",
         f"verify.data={FIXTURES / 'text' / 'tinystories_val_head.txt'}",
+        *([] if HAS_TENSORBOARD else ["uptrain.report_to=none"]),  # the recipe's tracker is an optional extra
     ]
 
 
@@ -59,6 +62,17 @@ def test_demo_recipe_end_to_end(hub, tmp_path, capsys, monkeypatch):  # noqa: F8
     metrics = [json.loads(line) for line in (run_dir / "uptrain" / "metrics.jsonl").read_text().splitlines()]
     steps = [m["step"] for m in metrics if "step" in m]
     assert steps and steps[-1] == 120 and min(steps) <= 60  # continued, not restarted
+    # A run people can watch: held-out evaluations during training, the plot, the tracker's events.
+    evals = [m for m in metrics if "eval_loss" in m]
+    assert len(evals) >= 3 and evals[-1]["step"] == 120 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert (run_dir / "uptrain" / "loss_curve.png").stat().st_size > 0
+    if HAS_TENSORBOARD:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(run_dir / "uptrain" / "tensorboard"))
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        assert {"train/loss", "train/kl", "eval/loss"} <= set(tags), tags
 
     verification = json.loads((run_dir / "model" / "verification.json").read_text())
     assert verification["passed"] is True
