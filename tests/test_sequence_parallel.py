@@ -133,25 +133,30 @@ def test_sp2_equals_one_process(tiny, tmp_path):
     assert m["weight_diff"] < 1e-5, m["weight_diff"]
 
 
-def _losses(out: Path) -> list[float]:
-    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+def _losses(out: Path, key: str = "loss") -> list[float]:
+    return [json.loads(x)[key] for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
 @needs_ds
 @pytest.mark.slow
 def test_uptrain_sp2_with_resume_equals_one_process(tiny, tmp_path):
-    """`uptrain --sequence-parallel 2` under torchrun, killed after step 3 (checkpoint at 2) and
-    resumed, ends where one process ends: every step's loss, the final weights."""
+    """`uptrain --sequence-parallel 2` under torchrun, distilling (the teacher runs on the whole row),
+    killed after step 3 (checkpoint at 2) and resumed, ends where one process ends: every step's loss
+    and KL, the final weights."""
     from safetensors.torch import load_file
+    from tiny import make_tiny_llama
 
+    from gqa_convert.train.data import split_text
     from gqa_convert.train.uptrain import KILL_ENV, UptrainConfig, uptrain
+
+    # a teacher of the same vocabulary (the same tokenizer training) with 4 KV heads
+    teacher = make_tiny_llama(tmp_path / "teacher", split_text(VAL_TEXT.read_text())[1000:1100], kv_heads=4, seed=1)
 
     steps = 4
     common = dict(data=str(VAL_TEXT), context=63, steps=steps, lr=3e-3, clip=0.05, grad_accum=2, batch_size=2,
-                  heldout_docs=20, train_start=1000, eval_docs=0, distill=False, save_every=2)  # fmt: skip
-    flags = []
-    for k, v in common.items():
-        flags += [f"--{k.replace('_', '-')}", str(v)] if not isinstance(v, bool) else ["--no-distill"]
+                  heldout_docs=20, train_start=1000, eval_docs=0, distill_from=str(teacher), distill_weight=0.5,
+                  save_every=2)  # fmt: skip
+    flags = [x for k, v in common.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     two = tmp_path / "two"
     cmd = [_torchrun(), "--nproc_per_node", "2", "--master_port", _port(), "-m", "gqa_convert", "uptrain", str(tiny),
            *flags, "--sequence-parallel", "2", "--no-progress", "--output", str(two)]  # fmt: skip
@@ -170,6 +175,8 @@ def test_uptrain_sp2_with_resume_equals_one_process(tiny, tmp_path):
     assert len(a) == len(b) == steps
     for x, y in zip(a, b):
         assert abs(x - y) < 1e-5, (a, b)
+    ka, kb = _losses(one, "kl"), _losses(two, "kl")
+    assert len(ka) == steps and max(abs(x - y) for x, y in zip(ka, kb, strict=True)) < 1e-6, (ka, kb)
     wa, wb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
