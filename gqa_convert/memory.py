@@ -627,7 +627,12 @@ def plan_memory(
             plan.time_s = (plan.steps or 0) * plan.tokens_per_step / float(tokens_per_s)
     if s.sp > 1:
         plan.notes.append(
-            "sequence parallelism is planned as DeepSpeed-Ulysses would hold it; uptrain does not implement it yet"
+            "sequence parallelism as DeepSpeed-Ulysses holds it (uptrain --sequence-parallel, docs/parallel.md)"
+            + (
+                f"; uptrain runs it with ZeRO stage 0 (nothing sharded): --sharding {s.sharding} with SP is planned here, not run"
+                if s.sharding != "none"
+                else ""
+            )
         )
     if s.attention == "sdpa" and s.context >= 8192:
         plan.notes.append(

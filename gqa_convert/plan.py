@@ -64,7 +64,7 @@ class PlanOption:
     kv_cache_saved_pct: float
     flops_saved_pct: float
     z_saved_pct: float
-    max_parallel_degree: int  # TP and Ulysses SP degree cannot exceed the KV-head count
+    max_parallel_degree: int  # the largest serving TP degree that splits the KV heads (beyond it they are replicated)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -147,6 +147,19 @@ def head_options(n_heads: int, n_kv: int, kv_only: bool = False) -> list[tuple[i
     return out
 
 
+def _tp_replication(kv_heads: int, kv_cache_bytes: int) -> str:
+    """What serving with tensor parallelism beyond the KV-head count costs (vLLM and TGI replicate
+    the KV heads there: every GPU keeps at least one head's cache). Ulysses sequence parallelism in
+    uptraining replicates them too and is not limited by them (docs/parallel.md)."""
+    tp = -(-COMMON_PARALLEL_DEGREE // kv_heads) * kv_heads  # vLLM wants TP a multiple of the KV heads
+    per_head = kv_cache_bytes / kv_heads
+    return (
+        f"{kv_heads} KV head{'s' if kv_heads > 1 else ''}: serving with tensor parallelism over more than {kv_heads} "
+        f"GPU(s) replicates them (vLLM, TGI): at TP {tp} every GPU holds one head's cache "
+        f"({per_head / 1e9:.2g} GB per sequence at this context), {tp // kv_heads}x the model's KV cache in all"
+    )
+
+
 def _pct(new: float, old: float) -> float:
     return 100.0 * (1 - new / old) if old else 0.0
 
@@ -216,10 +229,7 @@ def plan_conversion(
         else:
             notes.append("the law has no coefficients for this configuration")
         if k < min(COMMON_PARALLEL_DEGREE, shape.n_kv):
-            notes.append(
-                f"{k} KV head{'s cap' if k > 1 else ' caps'} tensor-parallel and Ulysses sequence-parallel "
-                f"degree at {k}"
-            )
+            notes.append(_tp_replication(k, rep.kv_cache_bytes))
         if outside:
             notes.append(
                 "query heads reduced: outside the paper (no conversion recipe; measured losses in docs/query-heads.md)"
@@ -250,10 +260,7 @@ def plan_conversion(
         warnings.append(f"KV-head options only: this family cannot change its query-head count ({refused})")
     for which, r in (("recommended", rec), ("recommended (both counts)", joint)):
         if r.kv_heads < min(COMMON_PARALLEL_DEGREE, shape.n_kv) and (r is rec or joint.kv_heads != rec.kv_heads):
-            warnings.append(
-                f"{which} {r.kv_heads} KV head{'s cap' if r.kv_heads > 1 else ' caps'} tensor-parallel "
-                f"and Ulysses sequence-parallel degree at {r.kv_heads}"
-            )
+            warnings.append(f"{which}: " + _tp_replication(r.kv_heads, r.kv_cache_bytes))
     n = shape.non_embedding_params
     warnings += law.extrapolation_notes(n, shape.n_heads, shape.n_kv, context)
     if any(o.predicted_loss_delta is not None and o.predicted_loss_delta < 0 for o in options if not o.is_source):

@@ -60,9 +60,12 @@ def test_recommendation_rule():
     assert recommend_kv_heads(LLAMA_1B, 131072, max_loss_increase=0.0) == 8
     assert recommend_kv_heads(LLAMA_1B, 131072, max_loss_increase=10.0) == 1
     one = plan_conversion(LLAMA_1B, 131072, max_loss_increase=10.0)
-    assert any("tensor-parallel and Ulysses sequence-parallel degree at 1" in w for w in one.warnings)
+    assert any(
+        "1 KV head: serving with tensor parallelism over more than 1 GPU(s) replicates" in w for w in one.warnings
+    )
     two = next(o for o in one.options if (o.q_heads, o.kv_heads) == (32, 2))
-    assert any("degree at 2" in n for n in two.notes)
+    # TP 8 over 2 KV heads: each head on 4 GPUs, the KV cache held 4 times
+    assert any("at TP 8 every GPU holds one head's cache" in n and "4x the model's KV cache" in n for n in two.notes)
 
 
 def test_plan_cli_json_and_png(tmp_path, capsys):
