@@ -290,11 +290,19 @@ def supported_list() -> str:
     return ", ".join(families())
 
 
+MAX_CONFIG_BYTES = 16 << 20
+
+
 def read_config(folder: Union[str, Path]) -> dict:
     """config.json of a checkpoint folder as a dict: the package's one reader of config.json."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise SourceNotFoundError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:  # real configs are kilobytes; reading gigabytes would only exhaust memory
+        raise CheckpointError(
+            f"{path} is {size / 1e6:.0f} MB, not a model config (at most {MAX_CONFIG_BYTES >> 20} MB); is it the right file?"
+        )
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

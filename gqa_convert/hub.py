@@ -177,7 +177,7 @@ def validate_card(folder: Path, *, remote: bool, token: Optional[str] = None, te
         except ValueError as err:  # the validator answered 400: the card's YAML is invalid
             raise ConfigError(f"the hub rejected {path}'s metadata ({_first_line(err)}); fix the YAML block") from None
         except Exception as err:
-            raise hub_error(err, "the card validator", "validate the model card") from None
+            raise hub_error(err, "the model card", "validate") from None  # "... to validate the model card"
 
 
 def _upload_bytes(folder: Path, rel: str, card: Optional[str]):

@@ -29,6 +29,7 @@ from .units import parse_count, parse_size
 HELDOUT_DOCS = 200  # the first documents of a data source, never trained on, scored by verify
 DEFAULT_TOLERANCE = 0.05  # nats/token above the law's prediction that verify allows (docs/verify.md)
 DEFAULT_MAX_LOSS_INCREASE = 0.05  # largest predicted loss increase `plan` may recommend (nats)
+MAX_CONTEXT = 1 << 24  # 16M tokens: above every published model's context (Llama 4 Scout's 10M)
 DEFAULT_CALIB_TOKENS = 65536  # calibration tokens of the align/optimal merges (docs/merging.md)
 REPO_ID_PATTERN = r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*"
 
@@ -59,6 +60,8 @@ def _context(value: Any) -> int:
     n = _counter("8K, 128K or 131072", binary_k=True)(value)
     if n < 2:
         raise ValueError("must be at least 2 tokens")
+    if n > MAX_CONTEXT:  # 1e9 or 1T is a typo, not a context: nothing could plan, train or score it
+        raise ValueError(f"must be at most {MAX_CONTEXT // 1024 // 1024}M tokens ({MAX_CONTEXT})")
     return n
 
 
@@ -80,6 +83,8 @@ def _kv_heads(value: Any) -> Union[int, str]:
         or int(value) < 1
     ):
         raise ValueError("must be a whole number or 'auto'")
+    if int(value) > 1 << 16:  # no model has more heads; a 400-digit count would be quoted in every error
+        raise ValueError("must be at most 65536 (or 'auto')")
     return int(value)
 
 
@@ -163,7 +168,8 @@ def _flag_of(loc: list[str]) -> str:
 class Settings(BaseModel):
     """Base of every settings model: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are never a setting (an `--lr inf` run trains to NaN weights and exits 0).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class CommandConfig(Settings):
@@ -299,6 +305,7 @@ class UptrainSettings(TextFormat, TrainSlice):
         "maximum learning rate (default: by the model's width, 0.32 / hidden_size clamped to [1e-5, 5e-3]: "
         "5e-3 at 64, 7.8e-5 at 4096; docs/uptrain.md, Defaults)",
         gt=0,
+        le=1,  # AdamW above 1 only diverges (1e308 overflows torch's float)
     )
     lr_floor: Fraction = field(0.1, "the decay ends at this fraction of --lr")
     batch_size: int = field(8, "sequences per process per micro-step", gt=0)
@@ -348,7 +355,7 @@ class UptrainSettings(TextFormat, TrainSlice):
         "cross-entropy, CUDA, no distillation), auto (liger where it applies)",
     )
     save_every: int = field(50, "steps between checkpoints", gt=0)
-    seed: int = field(0, "random seed")
+    seed: int = field(0, "random seed", ge=0, lt=2**63)
     shuffle: bool = field(
         True,
         "shuffle the training documents with --seed, anew each epoch (a shuffle buffer, resumable); "
@@ -476,7 +483,7 @@ class EvalSettings(Settings):
     depths: Depths = field([0.0, 0.25, 0.5, 0.75, 1.0], "passkey depths, fractions of the prompt")
     samples: int = field(5, "passkey samples per length x depth", gt=0, le=1000)
     ruler_limit: int = field(20, "RULER samples per task x length", gt=0, le=1000)
-    seed: int = field(0, "seed of the prompts (the same for source and converted)")
+    seed: int = field(0, "seed of the prompts (the same for source and converted)", ge=0, lt=2**63)
     batch_size: int = field(4, "prompts per forward pass", gt=0)
     device: Optional[str] = field(None, "torch device, e.g. cuda (default: cuda when there is one, else cpu)")
     progress: bool = field(True, "show a progress bar")

@@ -311,3 +311,70 @@ def test_refused_output_leaves_no_parent_folders(tiny, tmp_path, capsys):
     out = tmp_path / "a" / "b" / "up"
     _one_line_failure(capsys, _uptrain_args(tiny, tmp_path / "no-such-data.txt", out), 2)
     assert not (tmp_path / "a").exists()
+
+
+# Cases found by trying the CLI as an attacker would (issue #14, step 4); each was broken before.
+def _good_data(tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("\n\n".join(f"document {i} " * 20 for i in range(60)))
+    return data
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["law", "show"], "invalid choice"),  # argparse: usage block + error were two lines
+        (["--bogus"], "unrecognized arguments"),
+        (["convert"], "the following arguments are required"),
+        (["convert", "SRC", "--kv-heads", "2", "-o", "out\x00x"], "NUL byte"),  # ValueError: embedded null byte
+        (["convert", "SRC", "--kv-heads", "auto", "--context", "1e9", "-o", "OUT"], "at most 16M tokens"),  # exit 0
+        (["convert", "SRC", "--kv-heads", "auto", "--context", "1T", "-o", "OUT"], "at most 16M tokens"),
+        (["convert", "SRC", "--kv-heads", "9" * 400, "-o", "OUT"], "at most 65536"),  # a 400-digit line
+    ],
+)
+def test_bad_command_lines(tiny, tmp_path, capsys, argv, words):
+    argv = [str(tiny) if a == "SRC" else str(tmp_path / "o") if a == "OUT" else a for a in argv]
+    line = _one_line_failure(capsys, argv, 2)
+    assert words in line and len(line) < 300 and not (tmp_path / "o").exists()
+
+
+def test_huge_config_is_refused_before_reading(tiny, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(tiny, src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "junk": "x" * (17 << 20)}))
+    assert "not a model config" in _one_line_failure(capsys, ["convert", src, "--kv-heads", "2", "-o", tmp_path / "o"])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--lr", "inf"], "finite"),  # trained to NaN weights, exit 0
+        (["--lr", "1e308"], "less than or equal to 1"),  # internal error: float overflow in torch
+        (["--seed", "-1"], "greater than or equal to 0"),
+    ],
+)
+def test_uptrain_bad_numbers(tiny, tmp_path, capsys, extra, words):
+    out = tmp_path / "up"
+    assert words in _one_line_failure(capsys, [*_uptrain_args(tiny, _good_data(tmp_path), out), *extra], 2)
+    assert not out.exists()
+
+
+def test_uptrain_output_inside_the_model_is_refused(tiny, tmp_path, capsys):
+    model = tmp_path / "m"
+    shutil.copytree(tiny, model)
+    before = _hashes(model)
+    for out in (model / "up", model / "a" / "b"):  # it used to train into the model folder
+        line = _one_line_failure(capsys, _uptrain_args(model, _good_data(tmp_path), out), 2)
+        assert "inside the model folder" in line
+    assert _hashes(model) == before and sorted(p.name for p in model.iterdir()) == sorted(before)
+
+
+def test_uptrain_path_problems_say_what_to_do(tiny, tmp_path, capsys):
+    line = _one_line_failure(capsys, _uptrain_args(tmp_path / "nope", _good_data(tmp_path), tmp_path / "up"), 2)
+    assert "does not exist" in line and "Repo id" not in line
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    line = _one_line_failure(capsys, _uptrain_args(tiny, _good_data(tmp_path), blocker / "up"), 2)
+    assert "a file is in the way" in line and "--resume" not in line  # nothing started: nothing to resume

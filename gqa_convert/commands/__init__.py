@@ -24,8 +24,18 @@ from . import eval as eval_command
 COMMANDS = [pipeline, convert, plan, uptrain, verify, eval_command, card, push, law]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (not the usage block and then the error)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        line = " ".join(message.split())
+        line = line if len(line) <= 300 else line[:297] + "..."
+        where = self.prog.removeprefix("gqa-convert").strip()
+        self.exit(2, f"gqa-convert: error: {where + ': ' if where else ''}{line} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gqa-convert",
         description="Convert Hugging Face causal LMs to cost-optimal grouped-query attention. "
         "`gqa-convert MODEL --kv-heads N --context T ...` runs every stage (see `gqa-convert pipeline --help`).",
@@ -68,8 +78,10 @@ def _save_traceback() -> str:
 
 def _rerun(args: argparse.Namespace) -> str:
     """How to continue: the same command, except that an uptraining run continues with --resume."""
-    if getattr(args, "command", None) == "uptrain" and not getattr(args, "resume", False):
-        return "re-run the same command with --resume"
+    out = getattr(args, "output", None)
+    if getattr(args, "command", None) == "uptrain" and not getattr(args, "resume", False) and out:
+        if (Path(out) / "uptrain_config.json").is_file():  # the run started: it continues from its checkpoint
+            return "re-run the same command with --resume"
     return "re-run the same command"
 
 
@@ -106,10 +118,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     # `gqa-convert MODEL --kv-heads N ...` (no subcommand) runs the whole pipeline.
     if argv and not argv[0].startswith("-") and argv[0] not in _subcommands(parser):
         argv = ["pipeline", *argv]
+    if any("\x00" in a for a in argv):  # os calls refuse it with a ValueError deep inside a command
+        print("gqa-convert: error: an argument contains a NUL byte, which no path or value can hold", file=sys.stderr)
+        return 2
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error (printed as one line)
+        return done.code if isinstance(done.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -126,6 +144,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             fix = "the disk is full: free space there or choose a folder on another disk"
         elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             fix = "choose a writable folder"
+        elif err.errno in (errno.EEXIST, errno.ENOTDIR):  # a file where a folder must be (or be created)
+            fix = "a file is in the way of a folder there: choose another path"
         else:
             fix = "check the path"
         print(
@@ -144,6 +164,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"choose an output on another disk, then {_rerun(args)} (completed work is kept)",
                 file=sys.stderr,
             )
+            return 2
+        if isinstance(err, ValueError) and "null byte" in str(err):  # a NUL in a path from a recipe or data spec
+            print("gqa-convert: error: a path contains a NUL byte; remove it from the recipe or value", file=sys.stderr)
             return 2
         if debug:
             raise

@@ -28,11 +28,12 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..fileio import FolderLock
-    from ..train.uptrain import uptrain
+    from ..train.uptrain import check_output_place, uptrain
 
     cfg = settings_from_args(UptrainConfig, args, positional=("model",))
     # One writer per --output (rank 0 of a distributed run holds it for all ranks), taken before
     # the output's checks: a second run fails at once naming the holder, the folder untouched.
+    check_output_place(cfg.model, Path(cfg.output))  # before the lock file is created beside it
     lock = (
         FolderLock(Path(os.path.abspath(cfg.output)), "uptraining output")
         if int(os.environ.get("RANK", "0")) == 0

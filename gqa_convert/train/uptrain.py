@@ -197,6 +197,18 @@ def eval_steps(total_steps: int, every: Optional[int], points: int = EVAL_POINTS
     return sorted(steps | {total_steps})
 
 
+def check_output_place(model: str, out: Path) -> None:
+    """--output is neither the model folder nor inside it (checked before anything is created)."""
+    if Path(model).exists() and out.resolve() == Path(model).resolve():
+        raise OutputError(
+            f"--output {out} is the model folder itself; choose a new folder (the source is never modified)"
+        )
+    if Path(model).is_dir() and Path(model).resolve() in out.resolve().parents:
+        raise OutputError(
+            f"--output {out} is inside the model folder; choose a folder outside it (the source is never modified)"
+        )
+
+
 def validate(cfg: UptrainConfig, world: int = 1):
     """Every check that needs no model weights; returns (attn, model config, data spec, steps)."""
     from transformers import AutoConfig
@@ -213,6 +225,8 @@ def validate(cfg: UptrainConfig, world: int = 1):
         if cfg.distill and cfg.distill_weight > 0 and cfg.distill_from:  # a recorded teacher: resolve_defaults
             raise ConfigError("--loss-impl liger has no distillation KL; pass --no-distill, or use --loss-impl chunked")
     check_tracker(cfg.report_to)
+    if not Path(cfg.model).exists() and (cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1):
+        raise SourceNotFoundError(f"model folder {cfg.model[:200]} does not exist; give the converted model's folder")
     try:
         mcfg = AutoConfig.from_pretrained(cfg.model)
     except (OSError, ValueError) as err:
@@ -226,10 +240,7 @@ def validate(cfg: UptrainConfig, world: int = 1):
     steps = resolve_steps(cfg, world // cfg.sequence_parallel)  # rows per step follow the data-parallel ranks
     spec.check()
     out = Path(cfg.output)
-    if Path(cfg.model).exists() and out.resolve() == Path(cfg.model).resolve():
-        raise OutputError(
-            f"--output {out} is the model folder itself; choose a new folder (the source is never modified)"
-        )
+    check_output_place(cfg.model, out)
     if cfg.resume:
         if not (out / CKPT).is_dir() and not (out / CKPT_OLD).is_dir():
             # A run killed before its first checkpoint left its settings: --resume starts it over
