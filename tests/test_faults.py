@@ -320,3 +320,22 @@ def test_push_killed_then_rerun_equals_uninterrupted(verified, tmp_path, hub):  
     finally:
         server.stop()
     assert kills >= 2
+
+
+def test_ctrl_c_mid_uptrain_is_one_line_exit_130_and_resumable(small, tmp_path):
+    out = tmp_path / "up"
+    argv = _uptrain_args(small, out)
+    cmd = [sys.executable, "-m", "gqa_convert", *map(str, argv)]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while p.poll() is None and not (out / "checkpoint").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("gqa-convert:")]
+    assert lines == ["gqa-convert: interrupted; re-run the same command with --resume to resume."], err[-2000:]
+    assert "Traceback" not in err
+    _assert_uptrain_folder_whole(out)
+    _rerun_ok([*argv, "--resume"])
+    assert len((out / "metrics.jsonl").read_text().splitlines()) >= UP_STEPS
