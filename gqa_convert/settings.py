@@ -627,6 +627,15 @@ class UptrainSection(UptrainSettings):
     """`uptrain:` in a recipe: the settings plus a switch (the pipeline's `--data` turns it on)."""
 
     enabled: bool = field(True, "run the uptraining stage")
+    num_processes: int = field(
+        1,
+        "processes (one per GPU) the pipeline launches the uptraining stage on; with more than 1 it runs "
+        "`gqa-convert uptrain` under the launcher and continues with verify/card/push itself",
+        gt=0,
+    )
+    launcher: Literal["torchrun", "accelerate"] = field(
+        "torchrun", "how the pipeline launches a multi-process uptraining stage"
+    )
 
 
 RunSettings.model_rebuild()

@@ -52,7 +52,9 @@ TOP_LEVEL = {
     "push": set(),
 }
 SECTION = {"convert": ConvertSettings, "uptrain": UptrainSection, "verify": VerifySettings, "push": PushSettings}
-RECIPE_ONLY = {"uptrain": {"enabled"}}  # a section switch: the pipeline's --data turns uptraining on
+# a section switch (the pipeline's --data turns uptraining on), and how the pipeline launches the
+# stage (a launched `uptrain` is already one of the processes)
+RECIPE_ONLY = {"uptrain": {"enabled", "num_processes", "launcher"}}
 
 
 def _sub(name: str) -> argparse.ArgumentParser:

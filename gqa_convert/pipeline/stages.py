@@ -302,7 +302,7 @@ class UptrainStage(Stage):
         # The teacher is the run's source (distillation is on by default; uptrain.distill: false turns
         # it off); the learning rate, when not set, is chosen by uptrain from the model's width.
         distill_from = u.distill_from or (str(ctx.source_dir()) if u.distill and u.distill_weight > 0 else None)
-        settings = u.model_dump(exclude={"enabled"})
+        settings = u.model_dump(exclude={"enabled", "num_processes", "launcher"})
         cfg = UptrainConfig(
             **{**settings, "distill_from": distill_from},
             model=converted,
@@ -310,6 +310,12 @@ class UptrainStage(Stage):
             output=str(target),
             resume=resume,
         )
+        if u.num_processes > 1:  # a launched job (torchrun / accelerate launch); its record says what ran
+            from ..train.sequence_parallel import run_launched
+
+            rec = run_launched(cfg, u.num_processes, u.launcher)
+            ctx.link_final_model(target)
+            return UptrainOutputs(model=str(target), steps=rec.steps, tokens=rec.tokens, final_loss=rec.final_loss)
         res = uptrain(cfg)
         ctx.link_final_model(res.output)
         return UptrainOutputs(model=str(res.output), steps=res.steps, tokens=res.tokens, final_loss=res.final_loss)

@@ -308,3 +308,66 @@ __all__ = [
     "backward",
     "step",
 ]
+
+
+# ----------------------------------------------------------------------------- launched from the pipeline
+
+
+def launch_command(cfg, processes: int, launcher: str, port: int) -> list[str]:
+    """The command that runs `gqa-convert uptrain` with cfg's settings on `processes` processes.
+
+    torchrun (`python -m torch.distributed.run`) or `accelerate launch`; the uptrain flags are
+    settings.command_line's reproduction of cfg (every non-default setting, --resume included).
+    """
+    import shlex
+    import sys
+
+    from ..settings import command_line
+
+    args = shlex.split(command_line("uptrain", cfg, positional=("model",), skip=("progress",)))[2:]
+    if not cfg.progress:
+        args.append("--no-progress")
+    if launcher == "torchrun":
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        head += ["--master_port", str(port)]
+    elif launcher == "accelerate":
+        head = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+        head += ["--main_process_port", str(port)] + ([] if torch.cuda.is_available() else ["--cpu"])
+    else:
+        raise ConfigError(f"uptrain.launcher must be torchrun or accelerate, not {launcher!r}")
+    return [*head, "-m", "gqa_convert", "uptrain", *args]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for the launched job's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_launched(cfg, processes: int, launcher: str):
+    """Run uptraining as a launched multi-process job and return its record (records.UptrainRecord).
+
+    The job's output goes to this process's terminal; a failed job is one line naming its exit code
+    (its own error line is above it). Killed and re-run, the stage passes --resume as in-process.
+    """
+    import subprocess
+    from pathlib import Path
+
+    from ..errors import GqaConvertError
+    from ..records import UptrainRecord
+
+    cmd = launch_command(cfg, processes, launcher, free_port())
+    print(f"uptrain: launching {processes} processes ({launcher}): {' '.join(cmd[1:4])} ... uptrain", flush=True)
+    code = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}).returncode
+    if code != 0:
+        raise GqaConvertError(
+            f"the launched uptraining ({processes} processes, {launcher}) exited with code {code}; its error is "
+            "above; re-run the same command to resume from its last checkpoint"
+        )
+    record = UptrainRecord.read(Path(cfg.output))
+    if record is None:
+        raise GqaConvertError(f"the launched uptraining wrote no {UptrainRecord.FILE} in {cfg.output}")
+    return record
