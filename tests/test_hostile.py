@@ -4,6 +4,7 @@ traceback, nothing half-written, the source byte-identical."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -378,3 +379,21 @@ def test_uptrain_path_problems_say_what_to_do(tiny, tmp_path, capsys):
     blocker.write_text("x")
     line = _one_line_failure(capsys, _uptrain_args(tiny, _good_data(tmp_path), blocker / "up"), 2)
     assert "a file is in the way" in line and "--resume" not in line  # nothing started: nothing to resume
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed (the [sp] extra) not installed")
+def test_an_installed_deepspeed_adds_nothing_to_stderr(tiny, tmp_path):
+    """accelerate imports DeepSpeed whenever a model is saved, and DeepSpeed warns on a CPU-only
+    machine that it found no accelerator: a bad-input run must still print exactly its one line."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "d.txt"
+    data.write_text(need(SAMPLE_TEXT).read_text())
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    argv = [sys.executable, "-m", "gqa_convert", "uptrain", str(tiny), "--data", str(data), "--context", "32",
+            "--steps", "1", "--batch-size", "1", "--heldout-docs", "2", "--eval-docs", "0", "--no-progress",
+            "--output", str(tmp_path / "o")]  # fmt: skip
+    ok = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "real_accelerator" not in ok.stderr and "Setting accelerator" not in ok.stderr, ok.stderr

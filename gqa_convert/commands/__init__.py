@@ -112,6 +112,20 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+def quiet_deepspeed() -> None:
+    """DeepSpeed (the [sp] extra), which accelerate imports whenever a model is saved, warns on
+    stderr at every CPU-only start that it found no accelerator: tell it the answer instead, so a
+    command's stderr is its own. Only where CUDA is absent; a DS_ACCELERATOR of the user's stays."""
+    import importlib.util
+
+    if "DS_ACCELERATOR" in os.environ or importlib.util.find_spec("deepspeed") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # inherited by torchrun's workers too
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -134,6 +148,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if getattr(args, "command", None) not in (None, "law", "models", "plan", "card", "push"):
             quiet_transformers()  # commands that load models
+            quiet_deepspeed()
         return int(args.func(args) or 0)
     except GqaConvertError as err:
         print(f"gqa-convert: error: {err}", file=sys.stderr)
