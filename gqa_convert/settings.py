@@ -593,6 +593,12 @@ class RunSettings(Settings):
             if up.data is None:
                 raise ValueError("uptrain.data is required when uptrain is enabled (a file, folder or dataset name)")
             up.check_budget()
+            if up.num_processes % up.sequence_parallel:  # before any stage runs, not at uptraining
+                raise ValueError(
+                    f"uptrain.sequence_parallel {up.sequence_parallel} does not divide uptrain.num_processes "
+                    f"{up.num_processes}: the processes form groups of {up.sequence_parallel}; set "
+                    f"uptrain.num_processes to a multiple of it"
+                )
             same_text = self.verify.data in (None, up.data)
             if same_text and self.verify.heldout_docs > up.heldout_docs:
                 raise ValueError(

@@ -102,6 +102,16 @@ def test_refusals_before_any_work(tiny, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_recipe_refuses_sp_that_does_not_divide_the_processes():
+    from gqa_convert.settings import RunSettings, validate_settings
+
+    base = {"source": "x", "kv_heads": 2, "context": 256, "run_dir": "r"}
+    up = {"data": "d.txt", "steps": 1, "sequence_parallel": 2}
+    with pytest.raises(ConfigError, match="uptrain.sequence_parallel 2 does not divide uptrain.num_processes 1"):
+        validate_settings(RunSettings, {**base, "uptrain": up})
+    assert validate_settings(RunSettings, {**base, "uptrain": {**up, "num_processes": 4}}).uptrain.num_processes == 4
+
+
 # ----------------------------------------------------------------------------- slow: 2 processes
 
 
