@@ -47,6 +47,27 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: YAML's last-one-wins would silently
+    drop a setting the user wrote (two `steps:` under `uptrain:`, say)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {str(key)[:40]!r} is given twice (line {mark.line + 1}); keep one", mark
+            )
+        seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def _read(path: Path) -> dict:
     try:
         if not path.is_file():
@@ -61,7 +82,9 @@ def _read(path: Path) -> dict:
     except UnicodeDecodeError:
         raise ConfigError(f"recipe {path} is not UTF-8 text; save it as UTF-8") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 -- a SafeLoader subclass
+    except yaml.constructor.ConstructorError as err:
+        raise ConfigError(f"recipe {path}: {err.problem}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     except RecursionError:

@@ -123,3 +123,11 @@ def test_messages_in_recipe_terms():
     assert in_recipe_terms("--context 4096 is longer", "uptrain", top=False) == "--context 4096 is longer"
     assert in_recipe_terms("--device cuda, but none", "verify") == "verify.device: cuda, but none"
     assert in_recipe_terms("--token is private; --debug shows more", "push") == "--token is private; --debug shows more"
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys; a recipe must not silently drop a setting."""
+    with pytest.raises(ConfigError, match=r"key 'steps' is given twice \(line 7\)"):
+        load_recipe(_write(tmp_path, BASE + "uptrain:\n  steps: 3\n  steps: 5\n"))
+    with pytest.raises(ConfigError, match="'context' is given twice"):
+        load_recipe(_write(tmp_path, BASE + "context: 16K\n"))

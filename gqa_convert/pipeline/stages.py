@@ -357,7 +357,9 @@ class VerifyStage(Stage):
         r = ctx.recipe
         text = r.verify_source()
         if text is None:
-            raise ConfigError("verify needs held-out text: set verify.data (or uptrain.data) in the recipe, or --data")
+            raise ConfigError(
+                "verify needs held-out text: set verify.data or uptrain.data (a file, folder or dataset name)"
+            )
         data, fmt = text
         settings = r.verify.model_copy(update=fmt.model_dump(include={"text_field", "data_split", "data_config"}))
         report = verify_model(
