@@ -131,3 +131,29 @@ def test_a_key_given_twice_is_refused(tmp_path):
         load_recipe(_write(tmp_path, BASE + "uptrain:\n  steps: 3\n  steps: 5\n"))
     with pytest.raises(ConfigError, match="'context' is given twice"):
         load_recipe(_write(tmp_path, BASE + "context: 16K\n"))
+
+
+def test_sequence_parallel_degree_checked_against_the_converted_heads_before_any_work(tmp_path, capsys):
+    """stories260K (8 query heads) converted to 2 KV heads cannot be split over 3 Ulysses ranks:
+    refused before the run folder exists, naming the recipe key and the degrees that work;
+    `--gpus N` is the pipeline's flag for uptrain.num_processes."""
+    from gqa_convert.commands import main
+    from gqa_convert.commands.pipeline import recipe_from_flags, register
+
+    fixtures = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+    src, text = fixtures / "stories260K" / "stories260K.bin", fixtures / "text" / "tinystories_val_head.txt"
+    run_dir = tmp_path / "run"
+    rc = main([str(src), "--kv-heads", "2", "--context", "256", "--data", str(text), "--run-dir", str(run_dir),
+               "--gpus", "3", "--set", "uptrain.sequence_parallel=3", "uptrain.steps=2"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "uptrain.sequence_parallel: 3 cannot split 8 query / 2 KV heads" in err[0]
+    assert "use one of 1" in err[0] and not run_dir.exists()
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["pipeline", str(src), "--kv-heads", "2", "--context", "256", "--data", str(text),
+                              "--steps", "2", "--gpus", "4", "--run-dir", str(run_dir)])  # fmt: skip
+    recipe = recipe_from_flags(args)
+    assert recipe.uptrain.num_processes == 4 and recipe.hardware.gpus == 4

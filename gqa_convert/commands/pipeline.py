@@ -27,6 +27,12 @@ def register(sub) -> None:
     add_flags(p, RunSettings, only=TOP, positional=("source",), optional=("run_dir",))
     add_flags(p, UptrainSettings, only=UPTRAIN, prefix="uptrain" + SEP)
     add_flags(p, ConvertSettings, only=("method",), prefix="convert" + SEP)
+    p.add_argument(
+        "--gpus",
+        type=int,
+        metavar="N",
+        help="uptrain on N processes (uptrain.num_processes; also hardware.gpus for the plan unless --set)",
+    )
     p.add_argument("--push-to", metavar="USER/NAME", help="publish to this hub repo when verification passes")
     p.add_argument("--private", action="store_true", help="create the pushed repo private")
     p.add_argument(
@@ -56,11 +62,14 @@ def recipe_from_flags(args) -> RunSettings:
     from ..settings import flag_name
 
     data: dict[str, Any] = given(args)
-    for key in ("func", "command", "push_to", "private", "set", "debug", "json"):
+    for key in ("func", "command", "push_to", "private", "set", "debug", "json", "gpus"):
         data.pop(key, None)
     up = given(args, "uptrain" + SEP)
     if up:
         data["uptrain"] = {"enabled": True, **up}
+    if getattr(args, "gpus", None) is not None:
+        data.setdefault("uptrain", {})["num_processes"] = args.gpus
+        data["hardware"] = {"gpus": args.gpus}
     if "method" in given(args, "convert" + SEP):
         data["convert"] = given(args, "convert" + SEP)
     if args.push_to:

@@ -102,9 +102,31 @@ def preflight(run: RunSettings) -> None:
 
         try:
             choose_attention(run.uptrain.attn)  # flash asked for where it cannot run
+            if run.uptrain.sequence_parallel > 1:
+                _check_sequence_parallel(run)
         except ConfigError as err:
             err.recipe_section = "uptrain"  # type: ignore[attr-defined]
             raise
+
+
+def _check_sequence_parallel(run: RunSettings) -> None:
+    """Ulysses splits the converted model's heads over the SP group: checked on the head counts the
+    run converts to, before any weights are fetched (the source's config only). With kv_heads
+    `auto` the counts are the plan's; uptraining checks them again when it starts."""
+    import dataclasses
+
+    from ..architectures import read_config
+    from ..law.shapes import shape_from_config
+    from ..memory import check_sequence_parallel
+    from ..source import resolve_source
+
+    if run.kv_heads == "auto":
+        return
+    shape = shape_from_config(read_config(resolve_source(run.source, revision=run.revision, config_only=True)))
+    heads = run.q_heads if isinstance(run.q_heads, int) else shape.n_heads
+    converted = dataclasses.replace(shape, n_heads=heads, n_kv=int(run.kv_heads))
+    sp = run.uptrain.sequence_parallel
+    check_sequence_parallel(converted, sp, max(sp, run.uptrain.num_processes))
 
 
 def _base(run: RunSettings) -> dict:
