@@ -69,6 +69,8 @@ def run_uptrain(model: Path, text: Path, out: Path, args) -> dict:
             steps=args.steps,
             batch_size=args.batch_size,
             lr=args.lr,
+            train="all",  # like the Trainer baselines: every weight, next-token loss, constant LR
+            distill=False,
             warmup=0.0,
             decay=0.0,
             heldout_docs=200,

@@ -53,6 +53,9 @@ CANDIDATES: dict[str, list[str]] = {
     "all_kl_lr5e-3": "--lr 5e-3 --train all --distill-from {src} --distill-weight 1 --warmup 0.05 --decay 0.5".split(),
     "all_kl_lr1.25e-3": "--lr 1.25e-3 --train all --distill-from {src} --distill-weight 1 --warmup 0.05 --decay 0.5".split(),
     "attn_ce_lr5e-3": "--lr 5e-3 --train attention --no-distill --warmup 0.05 --decay 0.5".split(),
+    # the second model (width 128) at the rule's LR 2.5e-3: what trains, and distillation off
+    "all_kl_lr2.5e-3": "--lr 2.5e-3 --train all --distill-from {src} --distill-weight 1 --warmup 0.05 --decay 0.5".split(),
+    "attn_ce_lr2.5e-3": "--lr 2.5e-3 --train attention --no-distill --warmup 0.05 --decay 0.5".split(),
     "attn_kl0.5_lr5e-3": "--lr 5e-3 --train attention --distill-from {src} --distill-weight 0.5 --warmup 0.05 --decay 0.5".split(),
     "attn_kl_lr5e-3_wsd0.1-0.2": "--lr 5e-3 --train attention --distill-from {src} --distill-weight 1 --warmup 0.1 --decay 0.2".split(),
 }
@@ -119,8 +122,10 @@ def run_candidate(name: str, flags: list[str], src: Path, conv: Path, work: Path
     loss = heldout_loss(out)
     return {
         "flags": " ".join(flags),
-        "settings": {k: record["settings"].get(k) for k in ("lr", "train", "distill_weight", "warmup", "decay")},
-        "distilled": "distilling from" in log,
+        "settings": {
+            k: record["settings"].get(k) for k in ("lr", "train", "distill", "distill_weight", "warmup", "decay")
+        },
+        "distilled": any("kl" in json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()),
         "log": [line for line in log.splitlines() if line.startswith("uptrain:")],
         "heldout_loss": loss,
         "wall_s": round(wall, 1),

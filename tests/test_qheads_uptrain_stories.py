@@ -47,6 +47,7 @@ def _uptrain(start, run, source, val_text):
             model=str(start), data=str(val_text), context=CONTEXT, output=str(run), steps=STEPS, batch_size=BATCH,
             lr=LR, train="attention", distill_from=str(source), distill_weight=DISTILL, heldout_docs=200,
             train_start=1000, seed=0, progress=False,
+            warmup=0.1, decay=0.2,  # the schedule of the documented runs (the defaults before issue 15)
         )
     )  # fmt: skip
 
