@@ -42,7 +42,12 @@ NOT_RECIPE_KEYS = {
         "json": "display",
     },
     "verify": {"model": "RUN_DIR/model", "source": "top-level `source`", "card": "the card stage", "json": "display"},
-    "push": {"dir": "RUN_DIR/model", "dry_run": "a one-off look", "token": "never written to a recipe", "json": "display"},
+    "push": {
+        "dir": "RUN_DIR/model",
+        "dry_run": "a one-off look",
+        "token": "never written to a recipe",
+        "json": "display",
+    },
 }
 # Top-level recipe keys a stage command takes as flags of the same name.
 TOP_LEVEL = {

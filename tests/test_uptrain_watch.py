@@ -175,7 +175,7 @@ def test_row_stream_order_is_seeded_per_epoch_and_feeds_the_rows(tiny, docs, tmp
 
 
 def test_resume_settings_include_the_order():
-    now = {"shuffle": True, "shuffle_buffer": 10_000, "seed": 0, "eval_docs": 50}
+    now = {"shuffle": True, "shuffle_buffer": 10_000, "seed": 0, "eval_docs": 50, "sequence_parallel": 1}
     assert run_differences(dict(now), dict(now)) == []
     assert run_differences(dict(now), {**now, "shuffle": False}) == ["shuffle"]
     assert run_differences(dict(now), {**now, "shuffle_buffer": 5}) == ["shuffle_buffer"]
