@@ -267,22 +267,21 @@ def recorded_source(model: str) -> tuple[Optional[str], str]:
     record = ConversionRecord.read(model) if Path(model).is_dir() else None
     if record is None:
         return None, f"{model} has no conversion record (gqa_convert.json) naming its source"
-    name = record.source_repo or record.source
-    if record.source_path:  # a local source, by its absolute path
-        if Path(record.source_path).exists():
-            return record.source_path, record.source_path
-        return None, f"the recorded source {record.source_path} is not there any more"
-    repo = record.source_repo or (record.source if "/" in record.source else None)
-    if repo is None:
-        return None, f"the record names the source only as {name!r}, not a path or hub id"
+    found = record.find_source()  # the one reading of where a record's source is
+    if found is None:
+        if record.source_path:
+            return None, f"the recorded source {record.source_path} is not there any more"
+        return None, f"the record names the source only as {record.source!r}, not a path or hub id"
+    spec, at = found
+    if Path(spec).exists():
+        return spec, spec
     from huggingface_hub import try_to_load_from_cache
 
-    at = getattr(record, "source_commit", None) or record.revision
-    config = try_to_load_from_cache(repo, "config.json", revision=at)
+    config = try_to_load_from_cache(spec, "config.json", revision=at)
     folder = Path(config).parent if isinstance(config, str) else None
     if folder is None or not any(folder.glob("*.safetensors")):
-        return None, f"the recorded source {repo} is not in the local hub cache (nothing is downloaded for it)"
-    return str(folder), f"{repo} (local hub cache)"
+        return None, f"the recorded source {spec} is not in the local hub cache (nothing is downloaded for it)"
+    return str(folder), f"{spec} (local hub cache)"
 
 
 def resolve_defaults(cfg: UptrainConfig, mcfg) -> tuple[UptrainConfig, list[str]]:
