@@ -697,6 +697,8 @@ def uptrain_phase(rec: dict, args, p: dict, work: Path, state: dict, device: str
         steps=p["steps"],
         batch_size=1,
         lr=1e-5,
+        train="all",  # pinned, not the defaults (attention, distilling): the planner below is asked about
+        distill=False,  # exactly this setting (every weight trains, no teacher)
         heldout_docs=0,
         attn=args.attn,
         gradient_checkpointing=True,
