@@ -129,7 +129,7 @@ def test_disk_full_is_reported_and_the_stage_reruns(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(ConvertStage, "run", full)
     run_dir = tmp_path / "run"
     args = ["run", str(RECIPE), *_overrides(run_dir), "uptrain.enabled=false"]
-    assert main(args) == 1
+    assert main(args) == 2  # like every other OSError: exit 2 (1 is a failed verification)
     err = capsys.readouterr().err
     assert "No space left on device" in err and "re-run the same command" in err
     assert _stages(run_dir)["plan"]["status"] == "done" and _stages(run_dir)["convert"]["status"] == "running"
