@@ -157,3 +157,22 @@ def test_sequence_parallel_degree_checked_against_the_converted_heads_before_any
                               "--steps", "2", "--gpus", "4", "--run-dir", str(run_dir)])  # fmt: skip
     recipe = recipe_from_flags(args)
     assert recipe.uptrain.num_processes == 4 and recipe.hardware.gpus == 4
+
+
+def test_flag_spellings_of_the_pipeline(tmp_path, capsys):
+    """`--gpus 0` is refused in the user's words; `run RECIPE --json key=value` takes the overrides
+    after the flag (argparse alone stops the key=value list at it)."""
+    from gqa_convert.commands import main
+
+    fixtures = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+    src, text = fixtures / "stories260K" / "stories260K.bin", fixtures / "text" / "tinystories_val_head.txt"
+    rc = main([str(src), "--kv-heads", "2", "--context", "256", "--data", str(text), "--steps", "2",
+               "--run-dir", str(tmp_path / "a"), "--gpus", "0"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [
+        "gqa-convert: error: --gpus must be a whole number >= 1 (processes to uptrain on), not 0"
+    ]
+    rc = main(["run", str(RECIPES[0].parent / "demo-stories260k.yaml"), "--json", f"run_dir={tmp_path / 'b'}",
+               f"source={src}", f"uptrain.data={text}", "uptrain.attn=flash"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("gqa-convert: error: uptrain.attn: flash cannot run here")  # overrides read

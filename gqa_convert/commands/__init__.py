@@ -138,6 +138,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
+    if argv[:1] == ["run"] and "--json" in argv:  # `run RECIPE --json k=v`: argparse would stop the
+        argv.remove("--json")  # key=value list at the flag and refuse what follows it
+        argv.append("--json")
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help, --version, or a usage error (printed as one line)

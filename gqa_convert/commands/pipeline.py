@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..settings import ConvertSettings, RunSettings, UptrainSettings
 from .flags import SEP, add_flags, given
 
@@ -68,6 +69,8 @@ def recipe_from_flags(args) -> RunSettings:
     if up:
         data["uptrain"] = {"enabled": True, **up}
     if getattr(args, "gpus", None) is not None:
+        if args.gpus < 1:
+            raise ConfigError(f"--gpus must be a whole number >= 1 (processes to uptrain on), not {args.gpus}")
         data.setdefault("uptrain", {})["num_processes"] = args.gpus
         data["hardware"] = {"gpus": args.gpus}
     if "method" in given(args, "convert" + SEP):
