@@ -329,7 +329,10 @@ def test_ctrl_c_mid_uptrain_is_one_line_exit_130_and_resumable(small, tmp_path):
     # before the signal lands (seen in CI: exit 0); 56 steps leave it seconds to land in.
     argv[argv.index("--steps") + 1] = 60
     cmd = [sys.executable, "-m", "gqa_convert", *map(str, argv)]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A suite started in the background (nohup, `cmd &` in a script) inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: give the child the terminal's default.
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 300
     while p.poll() is None and not (out / "checkpoint").exists() and time.monotonic() < deadline:
         time.sleep(0.005)
