@@ -14,7 +14,6 @@ is passed to the client only, never printed or written.
 from __future__ import annotations
 
 import fnmatch
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -28,7 +27,7 @@ from .errors import (
 )  # fmt: skip
 from .fileio import write_text_atomic
 from .huberrors import _first_line, hub_error
-from .records import ConversionRecord
+from .records import ConversionRecord, VerificationRecord
 from .settings import is_repo_id
 
 # What a published model folder holds (matched against the path relative to the folder).
@@ -114,24 +113,22 @@ def plan_upload(folder: Path) -> UploadPlan:
 
 def check_verification(folder: Path) -> dict:
     """verification.json of the folder if it passed; else VerificationFailed saying why and what to run."""
-    path = Path(folder) / "verification.json"
     how = f"run `gqa-convert verify {folder} --source SOURCE --data TEXT --context T` (or push with --force)"
-    if not path.is_file():
+    # The one typed reader: a damaged record (not JSON, a list, `passed: "yes"`, /dev/zero) is a
+    # CheckpointError (exit 2) naming the file, never read as a verdict.
+    record = VerificationRecord.read(folder)
+    if record is None:
         raise VerificationFailed(f"{folder} has no verification.json, so nothing shows it matches the law: {how}")
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise VerificationFailed(f"{path} is not valid JSON ({err}): {how}") from None
-    if report.get("passed") is not True:
-        reasons = "; ".join(report.get("reasons") or []) or "no pass recorded"
+    if not record.passed:
+        reasons = "; ".join(record.reasons)[:200] or "no pass recorded"
         raise VerificationFailed(
             f"verification failed ({reasons}): uptrain further and re-verify, or push with --force"
         )
     from .verify import weights_digest
 
-    if report.get("weights_sha256") != weights_digest(folder):
+    if record.weights_sha256 != weights_digest(folder):
         raise VerificationFailed(f"the weights in {folder} changed since verification.json was written: {how}")
-    return report
+    return record.model_dump(mode="json")
 
 
 def _card_needs_repo_id(folder: Path) -> bool:
@@ -225,6 +222,9 @@ def push(
     if not is_repo_id(repo_id or ""):
         raise ConfigError(f"--repo must look like user/name or org/name, not {repo_id!r}")
     plan = plan_upload(folder)
+    # The conversion record is uploaded re-serialised: a damaged one fails here (exit 2), in a
+    # dry run too, rather than listing it as uploadable.
+    ConversionRecord.read(folder)
     refusal = None
     if not force:
         try:

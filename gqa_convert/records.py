@@ -24,6 +24,7 @@ from .errors import CheckpointError
 from .fileio import write_json_atomic
 
 R = TypeVar("R", bound="Record")
+MAX_RECORD_BYTES = 16 << 20  # the largest real record (a long verify's per-position rows) is well under 1 MB
 
 
 class Record(BaseModel):
@@ -53,8 +54,17 @@ class Record(BaseModel):
         """The one reader: the record in FOLDER, None when there is none, CheckpointError when it
         is damaged (one line, saying what to re-run)."""
         path = Path(folder) / cls.FILE
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             return None
+        # A record that is a device, FIFO or folder (a symlink to /dev/zero) would be read forever
+        # or treated as absent; one far past any real record's size is not one either.
+        if not path.is_file():
+            raise CheckpointError(f"{path} is not a regular file; remove it and re-run the step that wrote it")
+        if path.stat().st_size > MAX_RECORD_BYTES:
+            raise CheckpointError(
+                f"{path} is {path.stat().st_size >> 20} MB, not a run record (at most {MAX_RECORD_BYTES >> 20} MB); "
+                "re-run the step that wrote it"
+            )
         try:
             data = json.loads(path.read_text())
             return cls.model_validate(data)
@@ -256,7 +266,7 @@ class RetrievalRecord(Record):
 
 class VerificationRecord(Record):
     FILE: ClassVar[str] = "verification.json"
-    passed: bool
+    passed: bool = Field(strict=True)  # "yes" or 1 is a damaged record, never a pass
     reasons: list[str] = Field(default_factory=list)
     checks: list[Check] = Field(default_factory=list)
     model: str

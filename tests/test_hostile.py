@@ -397,3 +397,58 @@ def test_an_installed_deepspeed_adds_nothing_to_stderr(tiny, tmp_path):
     ok = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "real_accelerator" not in ok.stderr and "Setting accelerator" not in ok.stderr, ok.stderr
+
+
+# Second sweep (damaged run records, eval / plan / law / run edge cases); each was broken before.
+def _damage_record(folder, name, how):
+    path = folder / name
+    path.unlink()
+    if how == "devzero":
+        path.symlink_to("/dev/zero")
+    elif how == "huge":
+        path.write_text('{"a": "' + "x" * (17 << 20) + '"}')
+    elif how == "passed-yes":
+        shutil.copy(folder.parent / "good" / name, path)
+        path.write_text(json.dumps({**json.loads(path.read_text()), "passed": "yes"}))
+    elif how == "reasons-str":
+        shutil.copy(folder.parent / "good" / name, path)
+        path.write_text(json.dumps({**json.loads(path.read_text()), "passed": False, "reasons": "str"}))
+    else:
+        path.write_text(how)
+
+
+@pytest.fixture(scope="module")
+def verified(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("verified") / "good"
+    assert main(["convert", str(tiny), "--kv-heads", "2", "-o", str(out), "--no-progress"]) == 0
+    argv = ["verify", str(out), "--source", str(tiny), "--data", str(SAMPLE_TEXT), "--context", "64", "--no-retrieval"]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "name, how, words",
+    [
+        ("verification.json", "[1, 2]", "damaged"),  # push: AttributeError 'list' object has no attribute 'get'
+        ("verification.json", "5", "damaged"),
+        ("verification.json", "", "damaged"),  # push: exit 1, as if verification had failed
+        ("verification.json", "devzero", "not a regular file"),  # card: exit 0, as if there were none
+        ("verification.json", "passed-yes", "damaged"),  # card: read "yes" as a pass; push: as a failure
+        ("verification.json", "reasons-str", "damaged"),  # push: "verification failed (s; t; r)"
+        ("gqa_convert.json", "huge", "not a run record"),  # card and push --dry-run: exit 0
+        ("gqa_convert.json", "devzero", "not a regular file"),
+        ("gqa_convert.json", "[1, 2]", "damaged"),  # push --dry-run: exit 0, the record listed for upload
+    ],
+)
+@pytest.mark.parametrize("command", ["card", "push-dry", "push"])
+def test_damaged_records_for_card_and_push(verified, tmp_path, capsys, monkeypatch, name, how, words, command):
+    folder = tmp_path / "m"
+    shutil.copytree(verified, folder, symlinks=True)
+    (tmp_path / "good").symlink_to(verified)
+    _damage_record(folder, name, how)
+    before = _hashes(folder)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing may reach a hub
+    argv = {"card": ["card", folder], "push-dry": ["push", folder, "--repo", "u/n", "--dry-run"],
+            "push": ["push", folder, "--repo", "u/n", "--token", "hf_x"]}[command]  # fmt: skip
+    assert words in _one_line_failure(capsys, argv, 2)
+    assert _hashes(folder) == before
