@@ -452,3 +452,36 @@ def test_damaged_records_for_card_and_push(verified, tmp_path, capsys, monkeypat
             "push": ["push", folder, "--repo", "u/n", "--token", "hf_x"]}[command]  # fmt: skip
     assert words in _one_line_failure(capsys, argv, 2)
     assert _hashes(folder) == before
+
+
+def _law_text(edit):
+    from importlib import resources
+
+    return edit(resources.files("gqa_convert.law").joinpath("coefficients.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (b"\xff\xfe\x00 not utf-8", "not UTF-8"),  # internal error: UnicodeDecodeError
+        (lambda t: t.replace("\nE: ", "\nE: .nan #"), "finite numbers"),  # plan: exit 0; optimize: int(NaN)
+        (lambda t: t.replace("reference_params: ", "reference_params: .inf #"), "finite numbers"),
+        (lambda t: t.replace("reference_params: ", "reference_params: 0 #"), "reference_params > 0"),  # exit 0
+    ],
+)
+@pytest.mark.parametrize("command", ["plan", "optimize"])
+def test_bad_law_files(tiny, tmp_path, capsys, text, words, command):
+    law = tmp_path / "law.yaml"
+    law.write_bytes(text if isinstance(text, bytes) else _law_text(text).encode())
+    argv = {
+        "plan": ["plan", tiny, "--context", "64"],
+        "optimize": ["law", "optimize", "--loss", "3", "--context", "8K"],
+    }
+    assert words in _one_line_failure(capsys, [*argv[command], "--law", law], 2)
+
+
+@pytest.mark.parametrize("top", ["0", "-1", "99999999999"])  # exit 0: nothing / all but the last listed
+def test_law_optimize_top_is_bounded(capsys, top):
+    assert "from 1 to 1000" in _one_line_failure(
+        capsys, ["law", "optimize", "--loss", "3", "--context", "8K", "--top", top], 2
+    )

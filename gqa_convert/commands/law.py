@@ -5,6 +5,7 @@ The law's modules (numpy, scipy) are imported when an action runs, not for `--he
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -157,6 +158,17 @@ def _eval(args) -> int:
     return 0
 
 
+def _top(text: str) -> int:
+    """--top: 0 listed nothing and -1 all but the last, both with exit 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 1000:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 1000, not {text[:20]!r}")
+    return n
+
+
 def register(sub) -> None:
     p = sub.add_parser("law", help="the cost-optimal GQA law: optimize, table, fit, eval")
     lsub = p.add_subparsers(dest="law_command", metavar="ACTION")
@@ -172,7 +184,7 @@ def register(sub) -> None:
     q = lsub.add_parser("optimize", help="cost-optimal (N, n_h, n_kv, layers, width) for a target loss and context")
     q.add_argument("--loss", required=True, help="target loss L* (nats)")
     q.add_argument("--context", required=True, help="expected context: 8K, 128k or 131072")
-    q.add_argument("--top", type=int, default=5, help="candidates to list (default 5)")
+    q.add_argument("--top", type=_top, default=5, help="candidates to list (default 5)")
     q.add_argument("--json", action="store_true")
     law_arg(q)
     q.set_defaults(func=_optimize)

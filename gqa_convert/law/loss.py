@@ -304,15 +304,29 @@ class LossLaw:
             }
             lo, hi = d.get("b_range") or (0.0, 1.0)
             var = d.get("variables") or {}
+            reference_params = float(d.get("reference_params", 1e9))
+            log_A = {str(k): float(v) for k, v in (d.get("log_A") or {}).items()}
+            b = {str(k): float(v) for k, v in (d.get("b") or {}).items()}
+            b_range = (float(lo), float(hi))
+            variables = (float(var.get("center", 0.0)), float(var.get("scale", 1.0)))
+            # NaN / inf coefficients (YAML's .nan, .inf) would reach int() in the optimizer as an
+            # internal error, or print NaN losses with exit 0.
+            pairs = [*heads.values(), *grid.values(), b_range, variables]
+            numbers = [E, reference_params, *log_A.values(), *b.values(), *(x for pair in pairs for x in pair)]
+            if not all(math.isfinite(x) for x in numbers) or reference_params <= 0:
+                raise ConfigError(
+                    f"{where}: E, reference_params and every coefficient must be finite numbers "
+                    "(reference_params > 0); re-fit it with `gqa-convert law fit`"
+                )
             return cls(
                 E=E,
                 form=form,
-                reference_params=float(d.get("reference_params", 1e9)),
-                log_A={str(k): float(v) for k, v in (d.get("log_A") or {}).items()},
-                b={str(k): float(v) for k, v in (d.get("b") or {}).items()},
+                reference_params=reference_params,
+                log_A=log_A,
+                b=b,
                 b_link=str(d.get("b_link", "identity")),
-                b_range=(float(lo), float(hi)),
-                variables=(float(var.get("center", 0.0)), float(var.get("scale", 1.0))),
+                b_range=b_range,
+                variables=variables,
                 heads=heads,
                 grid=grid,
                 stderr=stderr,
@@ -323,7 +337,7 @@ class LossLaw:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(
-                f"{where}: malformed law ({err!r}); expected E, form and log_A/b, heads or grid"
+                f"{where}: malformed law ({repr(err)[:120]}); expected E, form and log_A/b, heads or grid"
             ) from None
 
 
@@ -341,7 +355,15 @@ def load_law(path: Union[str, Path, None] = None) -> LossLaw:
         return LossLaw.from_dict(yaml.safe_load(text), where=f"shipped {SHIPPED[name]}")
     p = Path(path)
     try:
+        if p.is_file() and p.stat().st_size > 16 << 20:  # a real law file is a few KB
+            raise ConfigError(f"law file {p} is {p.stat().st_size >> 20} MB, not a law (at most 16 MB)")
         data = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"law file {p} is not UTF-8 text; give a YAML file written by `gqa-convert law fit`"
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"law file {p} is nested too deeply") from None
     except OSError as err:
         raise ConfigError(
             f"cannot read law file {p}: {err.strerror}; give a YAML file written by `gqa-convert law fit`"
