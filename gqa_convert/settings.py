@@ -14,6 +14,7 @@ This module imports no torch (the CLI's `--help` reads it).
 
 from __future__ import annotations
 
+import difflib
 import re
 import reprlib
 from typing import Annotated, Any, Callable, Literal, Optional, Union
@@ -136,8 +137,15 @@ def describe_error(error: Any, model: type[BaseModel], name: Callable[[list[str]
     key = name(loc) if loc else None
     msg = str(error.get("msg", "")).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        allowed = ", ".join(_section_of(model, loc[:-1]).model_fields)
-        return f"unknown key {key!r}; allowed here: {allowed}"
+        # Bounded both ways: the key is the user's (any length); a section such as uptrain has
+        # 40 keys, so the closest matches are named first and the list is cut.
+        fields = list(_section_of(model, loc[:-1]).model_fields)
+        close = difflib.get_close_matches(loc[-1][:MAX_SHOWN], fields, n=3)
+        allowed = ", ".join(close + [f for f in fields if f not in close])
+        if len(allowed) > 120:
+            allowed = allowed[:120].rsplit(", ", 1)[0] + ", ..."
+        shown = repr(key) if len(repr(key)) <= 40 else repr(key)[:37] + "..."
+        return f"unknown key {shown}; allowed here: {allowed}"
     if error["type"] == "missing":
         return f"missing required key {key!r}"
     if key is None or error["type"] == "value_error" and not msg.startswith("must"):

@@ -485,3 +485,17 @@ def test_law_optimize_top_is_bounded(capsys, top):
     assert "from 1 to 1000" in _one_line_failure(
         capsys, ["law", "optimize", "--loss", "3", "--context", "8K", "--top", top], 2
     )
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("a" * 5000 + "=1", "unknown key 'aaaa"),  # the whole 5000-character key was quoted
+        ("uptrain.stepz=1", "allowed here: steps,"),  # uptrain's 40 allowed keys made a 538-character line
+    ],
+)
+def test_unknown_recipe_keys_are_short(tiny, tmp_path, capsys, override, words):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"source: {tiny}\nkv_heads: 2\ncontext: 64\nrun_dir: {tmp_path / 'run'}\n")
+    line = _one_line_failure(capsys, ["run", recipe, override], 2)
+    assert words in line and len(line) < 300 and not (tmp_path / "run").exists()
