@@ -89,7 +89,7 @@ def refuse_custom_code(folder: Path | str) -> None:
 
 def load_model(folder: Path | str, dtype: Optional[torch.dtype] = None):
     """(model in eval mode, tokenizer) from a local Hugging Face folder; no remote code."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -98,8 +98,22 @@ def load_model(folder: Path | str, dtype: Optional[torch.dtype] = None):
         )
     refuse_custom_code(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    return model.eval(), tokenizer
+    return model.eval(), load_tokenizer(folder)
+
+
+def load_tokenizer(folder: Path | str):
+    """The folder's tokenizer (no remote code); a folder without a loadable one is a DataError of
+    one line, not transformers' "Couldn't instantiate the backend tokenizer" ValueError."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0][:100]
+        raise DataError(
+            f"{folder} has no usable tokenizer ({first}); copy the source's tokenizer files "
+            "(tokenizer.json, tokenizer_config.json) into it"
+        ) from None
 
 
 def encode_documents(tokenizer, documents: Sequence[str], max_tokens: int) -> list[list[int]]:

@@ -462,9 +462,12 @@ def _comma_list(value: Any) -> Any:
     return value
 
 
-Lengths = Annotated[list[ContextLength], BeforeValidator(_comma_list)]
-Names = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], BeforeValidator(_comma_list)]
-Depths = Annotated[list[Annotated[float, Field(ge=0, le=1)]], BeforeValidator(_comma_list)]
+# At least one item: an empty `--tasks ''` / `--depths ''` silently ran the defaults.
+Lengths = Annotated[list[ContextLength], BeforeValidator(_comma_list), Field(min_length=1)]
+Names = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=64)]], BeforeValidator(_comma_list), Field(min_length=1)
+]
+Depths = Annotated[list[Annotated[float, Field(ge=0, le=1)]], BeforeValidator(_comma_list), Field(min_length=1)]
 RETRIEVAL_TASKS = (
     "passkey",
     "ruler",

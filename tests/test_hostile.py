@@ -499,3 +499,28 @@ def test_unknown_recipe_keys_are_short(tiny, tmp_path, capsys, override, words):
     recipe.write_text(f"source: {tiny}\nkv_heads: 2\ncontext: 64\nrun_dir: {tmp_path / 'run'}\n")
     line = _one_line_failure(capsys, ["run", recipe, override], 2)
     assert words in line and len(line) < 300 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--tasks", ","], "at least 1 item"),  # exit 0: the defaults ran instead
+        (["--depths", ""], "at least 1 item"),
+        (["--lengths", ""], "at least 1 item"),
+        (["--device", "bogus"], "not a torch device"),  # internal error: RuntimeError from torch
+        (["--source", "MODEL"], "is MODEL itself"),  # exit 0, a ratio of 1 that compares nothing
+        (["--no-tokenizer"], "no usable tokenizer"),  # internal error: "Couldn't instantiate the backend tokenizer"
+    ],
+)
+def test_eval_bad_requests(verified, tmp_path, capsys, extra, words):
+    model = tmp_path / "m"
+    shutil.copytree(verified, model)
+    if extra == ["--no-tokenizer"]:
+        extra = []
+        for f in model.glob("tokenizer*"):
+            f.unlink()
+    before = _hashes(model)
+    extra = [str(model) if a == "MODEL" else a for a in extra]
+    argv = ["eval", model, "--context", "64", "--samples", "1", "--tasks", "passkey", "--no-progress", *extra]
+    assert words in _one_line_failure(capsys, argv, 2)
+    assert _hashes(model) == before

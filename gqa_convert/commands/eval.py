@@ -48,6 +48,8 @@ def run(args) -> int:
     folders = {}
     if args.source:
         folders["source"] = resolve_source(args.source)
+        if Path(folders["source"]).resolve() == model.resolve():  # a ratio of 1 that compares nothing
+            raise ConfigError(f"--source {str(args.source)[:80]} is MODEL itself; pass the unconverted checkpoint")
     folders["converted"] = model
     report = retrieval_report(folders, s, top.context, plot_dir=model if args.write else None)
     if args.write:

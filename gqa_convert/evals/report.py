@@ -45,9 +45,9 @@ def _stderr(message: str) -> None:
 
 
 def _device(settings: EvalSettings) -> str:
-    import torch
+    from ..verify import _device as checked_device  # --device bogus / cuda without CUDA: one line
 
-    return settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return str(checked_device(settings.device or "auto"))
 
 
 def retrieval_report(
@@ -78,9 +78,9 @@ def retrieval_report(
     notes: list[str] = []
     ruler = _ruler_tasks(settings, notes)
     first = next(iter(models.values()))
-    from transformers import AutoTokenizer
+    from ..evaluate import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(first, trust_remote_code=False)
+    tokenizer = load_tokenizer(first)
     passkey = "passkey" in settings.tasks
     prompts = []
     if passkey:
