@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Union
@@ -14,6 +16,19 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_small_text(path: Union[str, Path], limit: int = 16 << 20) -> str:
+    """The text of a run record or state file. A device, FIFO or folder in its place (a symlink to
+    /dev/zero was read until the kernel killed the process) or a file past `limit` is an OSError,
+    so callers' existing `except OSError` turns it into their one line."""
+    path = Path(path)
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    if st.st_size > limit:
+        raise OSError(errno.EFBIG, f"{st.st_size >> 20} MB, larger than any run record", str(path))
+    return path.read_text()
 
 
 def write_bytes_atomic(path: Union[str, Path], data: bytes) -> Path:

@@ -524,3 +524,38 @@ def test_eval_bad_requests(verified, tmp_path, capsys, extra, words):
     argv = ["eval", model, "--context", "64", "--samples", "1", "--tasks", "passkey", "--no-progress", *extra]
     assert words in _one_line_failure(capsys, argv, 2)
     assert _hashes(model) == before
+
+
+@pytest.fixture(scope="module")
+def uptrained(tiny, tmp_path_factory):
+    """A finished 2-step run: its files are what a --resume reads."""
+    base = tmp_path_factory.mktemp("uptrained")
+    data = _good_data(base)
+    assert main([str(a) for a in _uptrain_args(tiny, data, base / "up")]) == 0
+    return base / "up", data
+
+
+@pytest.mark.parametrize(
+    "name, how, words",
+    [
+        ("uptrain_config.json", "devzero", "missing or damaged"),  # read /dev/zero until the OOM killer came
+        ("checkpoint/state.json", "devzero", "not a regular file"),  # FileNotFoundError of checkpoint.old
+        ("checkpoint/state.json", "[1]", "lacks whole step"),
+        ("checkpoint/state.json", '{"step": -5, "rows": 4, "tokens": 128, "processes": 1, "elapsed_s": 1}', "lacks"),
+        ("checkpoint/state.json", '{"step": "two", "rows": 4, "tokens": 128, "processes": 1}', "lacks whole step"),
+    ],
+)
+def test_resume_with_damaged_state(tiny, uptrained, tmp_path, capsys, name, how, words):
+    up, data = uptrained
+    out = tmp_path / "up"
+    shutil.copytree(up, out)
+    path = out / name
+    path.unlink()
+    if how == "devzero":
+        path.symlink_to("/dev/zero")
+    else:
+        path.write_text(how)
+    before = _hashes(out)
+    t0 = time.perf_counter()
+    assert words in _one_line_failure(capsys, [*_uptrain_args(tiny, data, out), "--resume"], 2)
+    assert _hashes(out) == before and time.perf_counter() - t0 < 30

@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, Field, ValidationError
 
 from ..errors import CheckpointError
-from ..fileio import write_json_atomic
+from ..fileio import read_small_text, write_json_atomic
 
 STATE_FILE = "state.json"
 
@@ -39,7 +39,7 @@ class RunState(BaseModel):
         if not path.exists():
             return cls(path=path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_small_text(path))
             return cls(path=path, stages=data["stages"])
         except (OSError, ValueError, KeyError, TypeError, ValidationError):
             raise CheckpointError(

@@ -38,7 +38,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import CheckpointError, ConfigError, GqaConvertError, OutputError, SourceNotFoundError
-from ..fileio import raise_if_disk_full, share_modes, write_json_atomic
+from ..fileio import raise_if_disk_full, read_small_text, share_modes, write_json_atomic
 from ..hostmem import return_large_frees_to_os
 from ..records import ConversionRecord, UptrainRecord
 from ..settings import UptrainConfig, UptrainSettings, command_line, data_spec
@@ -413,8 +413,8 @@ def load_checkpoint(out: Path, accelerator, model, optimizer, scheduler) -> dict
     """Restore trainable weights, optimizer, scheduler and RNG; returns the saved state dict."""
     from safetensors.torch import load_file
 
-    folder = out / CKPT if (out / CKPT / "state.json").is_file() else out / CKPT_OLD
-    state = json.loads((folder / "state.json").read_text())
+    folder = out / CKPT if (out / CKPT / "state.json").exists() else out / CKPT_OLD
+    state = json.loads(read_small_text(folder / "state.json"))
     if state["processes"] != accelerator.num_processes:
         raise ConfigError(
             f"checkpoint was written by {state['processes']} process(es); resume with the same number, "
@@ -893,9 +893,15 @@ def _check_checkpoint(out: Path) -> None:
 
     from safetensors import safe_open
 
-    folder = out / CKPT if (out / CKPT / "state.json").is_file() else out / CKPT_OLD
+    folder = out / CKPT if (out / CKPT / "state.json").exists() else out / CKPT_OLD
     try:
-        json.loads((folder / "state.json").read_text())
+        state = json.loads(read_small_text(folder / "state.json"))
+        # The counts the resume reads (a list, "two" or -5 reached them as tracebacks or a bad skip).
+        counts = ("step", "rows", "tokens", "processes")
+        if not isinstance(state, dict) or not all(type(state.get(k)) is int and state[k] >= 0 for k in counts):
+            raise ValueError("state.json lacks whole step/rows/tokens/processes counts")
+        if not isinstance(state.get("elapsed_s"), (int, float)):
+            raise ValueError("state.json lacks elapsed_s")
         with safe_open(str(folder / "trainable.safetensors"), "pt") as f:
             for name in f.keys():
                 f.get_slice(name)  # reads the header; a truncated file fails here or below
@@ -1014,7 +1020,7 @@ def _read_run_config(out: Path) -> dict:
     """The settings the run in OUT started with (uptrain_config.json), or one line saying what to do."""
     path = out / CONFIG_FILE
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_small_text(path))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         raise OutputError(f"--resume: {path} is missing or damaged; start a new run in another --output") from None
     if not isinstance(data, dict):
