@@ -559,3 +559,23 @@ def test_resume_with_damaged_state(tiny, uptrained, tmp_path, capsys, name, how,
     t0 = time.perf_counter()
     assert words in _one_line_failure(capsys, [*_uptrain_args(tiny, data, out), "--resume"], 2)
     assert _hashes(out) == before and time.perf_counter() - t0 < 30
+
+
+@pytest.mark.parametrize("xdg", ["", "relative/cache", "FILE"])
+def test_internal_error_log_never_lands_in_the_current_folder(tmp_path, capsys, monkeypatch, xdg):
+    import gqa_convert.law.loss as loss
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(loss, "load_law", boom)  # stands for any bug
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "file").write_text("x")
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file") if xdg == "FILE" else xdg)
+    rc = main(["law", "optimize", "--loss", "3", "--context", "8K"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 3 and len(err.splitlines()) == 1 and "internal error: RuntimeError: boom" in err
+    log = err.split("traceback is in ")[1].split(" (or re-run")[0]
+    assert os.path.isabs(log) and "boom" in open(log).read() and not list((tmp_path / "cwd").iterdir())

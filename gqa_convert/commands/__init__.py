@@ -65,12 +65,18 @@ def _save_traceback() -> str:
     import tempfile
     import traceback
 
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gqa-convert" / "logs"
+    # The XDG spec: an empty or relative XDG_CACHE_HOME is ignored (an empty one put the logs in
+    # the current folder); then the temp folder; and if nothing is writable, the line says so.
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
     try:
+        base = (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "gqa-convert" / "logs"
         base.mkdir(parents=True, exist_ok=True)
         fd, path = tempfile.mkstemp(prefix="error-", suffix=".log", dir=base)
-    except OSError:
-        fd, path = tempfile.mkstemp(prefix="gqa-convert-error-", suffix=".log")
+    except (OSError, RuntimeError):  # RuntimeError: no home directory
+        try:
+            fd, path = tempfile.mkstemp(prefix="gqa-convert-error-", suffix=".log")
+        except OSError:
+            return "nowhere (no writable cache or temp folder)"
     with os.fdopen(fd, "w") as fh:
         fh.write(" ".join(sys.argv) + "\n\n" + traceback.format_exc())
     return path
