@@ -281,7 +281,14 @@ def render_card(
         config = read_config(model_dir)
     except SourceNotFoundError:
         raise CheckpointError(f"{model_dir} has no config.json: pass a converted model folder") from None
+    weights = sorted(p.name for p in model_dir.glob("*.safetensors"))  # none: a preview from records alone
     ver = VerificationRecord.read(model_dir)
+    if weights and ver is not None and ver.weights_sha256 and sorted(ver.weights_sha256) != weights:
+        # (push compares the digests; the names alone already tell another model's verification)
+        raise CheckpointError(
+            f"{model_dir}/verification.json measured other weights ({', '.join(sorted(ver.weights_sha256))[:80]}); "
+            f"re-run `gqa-convert verify {model_dir} ...`"
+        )
     record = ConversionRecord.read(model_dir) or ConversionRecord()
     up = UptrainRecord.read(model_dir)
     standalone = RetrievalRecord.read(model_dir)

@@ -95,6 +95,20 @@ def _repo_id(value: Any) -> str:
     return value
 
 
+def _licence_id(value: Any) -> str:
+    # The hub's licence ids (apache-2.0, llama3.1, cc-by-nc-4.0, other): a 10 KB or multi-line
+    # value went into the card's YAML metadata as given.
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}", value):
+        raise ValueError("must be a licence id like apache-2.0, mit or other")
+    return value
+
+
+def _card_title(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > 200 or any(c in value for c in "\r\n"):
+        raise ValueError("must be one line of at most 200 characters")
+    return value
+
+
 # K = 1024 for contexts (128K = 131072, as every long-context paper counts); K = 1000 for tokens.
 ContextLength = Annotated[int, BeforeValidator(_context)]
 TokenCount = Annotated[int, BeforeValidator(_counter("50M, 2B or 1e9", binary_k=False))]
@@ -102,6 +116,8 @@ ByteSize = Annotated[str, BeforeValidator(_byte_size)]
 KvHeads = Annotated[Union[int, Literal["auto"]], BeforeValidator(_kv_heads)]
 QHeads = Annotated[Union[int, Literal["auto"]], BeforeValidator(_kv_heads)]  # "auto": with kv_heads auto
 RepoId = Annotated[str, BeforeValidator(_repo_id)]
+LicenceId = Annotated[str, BeforeValidator(_licence_id)]
+CardTitle = Annotated[str, BeforeValidator(_card_title)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
@@ -535,11 +551,11 @@ class HardwareSettings(Settings):
 class CardSettings(Settings):
     """The recipe's `card:` section: what the model card says beyond the measured numbers."""
 
-    title: Optional[str] = field(None, "card title (default: the hub repo's or the folder's name)")
-    base_model: Optional[str] = field(
+    title: Optional[CardTitle] = field(None, "card title (default: the hub repo's or the folder's name)")
+    base_model: Optional[RepoId] = field(
         None, "hub id of the source for the card's base_model (default: the recorded source, if it is a hub id)"
     )
-    license: Optional[str] = field(None, "licence id (default: the source's)")
+    license: Optional[LicenceId] = field(None, "licence id (default: the source's)")
 
 
 class PushSettings(Settings):

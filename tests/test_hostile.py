@@ -579,3 +579,26 @@ def test_internal_error_log_never_lands_in_the_current_folder(tmp_path, capsys, 
     assert rc == 3 and len(err.splitlines()) == 1 and "internal error: RuntimeError: boom" in err
     log = err.split("traceback is in ")[1].split(" (or re-run")[0]
     assert os.path.isabs(log) and "boom" in open(log).read() and not list((tmp_path / "cwd").iterdir())
+
+
+@pytest.mark.parametrize(
+    "edit, extra, words",
+    [
+        ("no-weights", [], "no safetensors weights"),  # wrote a card for a folder with nothing to load
+        ("renamed-weights", [], "measured other weights"),  # another model's verification.json, shown as this one's
+        (None, ["--license", "x" * 10240], "licence id"),  # 10 KB into the card's YAML metadata
+        (None, ["--license", "mit\n---\nfoo: bar"], "licence id"),
+        (None, ["--title", "x" * 10240], "one line of at most 200"),
+        (None, ["--base-model", "../../etc"], "hub repo id"),
+    ],
+)
+def test_card_refusals(verified, tmp_path, capsys, edit, extra, words):
+    folder = tmp_path / "m"
+    shutil.copytree(verified, folder)
+    if edit == "no-weights":
+        (folder / "model.safetensors").unlink()
+    elif edit == "renamed-weights":
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    before = _hashes(folder)
+    line = _one_line_failure(capsys, ["card", folder, *extra], 2)
+    assert words in line and len(line) < 300 and _hashes(folder) == before

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..settings import CardSettings
 from .flags import add_flags, settings_from_args
 
@@ -21,8 +23,13 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..card import write_model_card
+    from ..errors import CheckpointError
 
     s = settings_from_args(CardSettings, args)
+    folder = Path(args.model)
+    if (folder / "config.json").is_file() and not any(folder.glob("*.safetensors")):
+        # a card of measured numbers for a folder with nothing to load (it wrote one, exit 0)
+        raise CheckpointError(f"{folder} has no safetensors weights: pass a converted model folder")
     path = write_model_card(args.model, base_model=s.base_model, repo_id=args.repo, title=s.title, license=s.license)
     print(f"wrote {path}")
     return 0
