@@ -602,3 +602,18 @@ def test_card_refusals(verified, tmp_path, capsys, edit, extra, words):
     before = _hashes(folder)
     line = _one_line_failure(capsys, ["card", folder, *extra], 2)
     assert words in line and len(line) < 300 and _hashes(folder) == before
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--context", "9999999"], "max_position_embeddings 128"),  # a 333+-character line
+        (["--distill-from", "NOPE"], "does not exist"),  # transformers' "Repo id must be in the form ..."
+        (["--distill-from", "./rel/nope"], "does not exist"),
+    ],
+)
+def test_uptrain_refusals_are_short(tiny, tmp_path, capsys, extra, words):
+    out = tmp_path / "up"
+    extra = [str(tmp_path / "nope") if a == "NOPE" else a for a in extra]
+    line = _one_line_failure(capsys, [*_uptrain_args(tiny, _good_data(tmp_path), out), *extra], 2)
+    assert words in line and "Repo id" not in line and len(line) < 300 and not out.exists()

@@ -41,7 +41,7 @@ from ..errors import CheckpointError, ConfigError, GqaConvertError, OutputError,
 from ..fileio import raise_if_disk_full, read_small_text, share_modes, write_json_atomic
 from ..hostmem import return_large_frees_to_os
 from ..records import ConversionRecord, UptrainRecord
-from ..settings import UptrainConfig, UptrainSettings, command_line, data_spec
+from ..settings import UptrainConfig, UptrainSettings, command_line, data_spec, is_repo_id
 from .backend import choose_attention
 from .data import IGNORE, RowStream, collate, write_heldout
 from .loss import packed_losses
@@ -167,10 +167,10 @@ def check_context(model_config, context: int) -> None:
     scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in (None, "default")
     if max_pos is not None and context > max_pos and not scaled:
         raise ConfigError(
-            f"--context {context} is longer than the model's max_position_embeddings {max_pos} and it has no RoPE "
-            f"scaling; use --context <= {max_pos}, or add rope scaling to config.json, e.g. "
-            f'"rope_parameters": {{"rope_type": "yarn", "factor": {math.ceil(context / max_pos)}.0, '
-            f'"original_max_position_embeddings": {max_pos}, "rope_theta": ...}} and max_position_embeddings >= {context}'
+            # (kept under ~300 characters: the example was cut off mid-way at a 7-digit context)
+            f"--context {context} is above the model's max_position_embeddings {max_pos} and it has no RoPE "
+            f"scaling; use --context <= {max_pos}, or set in config.json max_position_embeddings >= {context} and "
+            f'"rope_parameters": {{"rope_type": "yarn", "factor": {math.ceil(context / max_pos)}.0, ...}}'
         )
 
 
@@ -319,6 +319,11 @@ def resolve_defaults(cfg: UptrainConfig, mcfg) -> tuple[UptrainConfig, list[str]
             from ..source import resolve_source
 
             teacher = str(resolve_source(teacher))
+    if not Path(teacher).exists() and not is_repo_id(teacher):  # a path: not transformers' "Repo id must be ..."
+        raise SourceNotFoundError(
+            f"the teacher {teacher[:120]} does not exist; pass the unconverted model's folder or hub id "
+            "(--distill-from), or --no-distill"
+        )
     try:
         tcfg = AutoConfig.from_pretrained(teacher)
     except (OSError, ValueError) as err:
