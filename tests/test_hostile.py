@@ -617,3 +617,19 @@ def test_uptrain_refusals_are_short(tiny, tmp_path, capsys, extra, words):
     extra = [str(tmp_path / "nope") if a == "NOPE" else a for a in extra]
     line = _one_line_failure(capsys, [*_uptrain_args(tiny, _good_data(tmp_path), out), *extra], 2)
     assert words in line and "Repo id" not in line and len(line) < 300 and not out.exists()
+
+
+@pytest.mark.parametrize("how", ["devzero", "huge"])  # /dev/zero was read until memory ran out
+def test_run_rerun_with_a_state_file_that_is_not_one(tiny, tmp_path, capsys, how):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    state = run_dir / "state.json"
+    if how == "devzero":
+        state.symlink_to("/dev/zero")
+    else:
+        state.write_text('{"stages": {}, "a": "' + "x" * (17 << 20) + '"}')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"source: {tiny}\nkv_heads: 2\ncontext: 64\nrun_dir: {run_dir}\nuptrain:\n  enabled: false\n")
+    t0 = time.perf_counter()
+    assert "state.json is damaged" in _one_line_failure(capsys, ["run", recipe, f"verify.data={SAMPLE_TEXT}"], 2)
+    assert time.perf_counter() - t0 < 20 and sorted(p.name for p in run_dir.iterdir()) == ["state.json"]
