@@ -633,3 +633,19 @@ def test_run_rerun_with_a_state_file_that_is_not_one(tiny, tmp_path, capsys, how
     t0 = time.perf_counter()
     assert "state.json is damaged" in _one_line_failure(capsys, ["run", recipe, f"verify.data={SAMPLE_TEXT}"], 2)
     assert time.perf_counter() - t0 < 20 and sorted(p.name for p in run_dir.iterdir()) == ["state.json"]
+
+
+def test_eval_without_the_eval_extra_names_what_to_install(verified, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *args, **kwargs):  # the [eval] extra not installed (an import hook's ImportError)
+        if name.split(".")[0] == "lm_eval":
+            raise ImportError("lm_eval is not installed")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    argv = ["eval", verified, "--context", "64", "--tasks", "niah_single_1", "--no-write", "--no-progress"]
+    line = _one_line_failure(capsys, argv, 2)
+    assert "pip install 'gqa-convert[eval]'" in line and "None" not in line

@@ -172,7 +172,8 @@ def require_lm_eval() -> str:
         import wonderwords  # noqa: F401
     except ImportError as err:
         raise EvalExtraMissing(
-            f"RULER needs lm-evaluation-harness with its RULER extras ({err.name} is missing): "
+            # err.name is None for an ImportError raised by hand (a broken install, an import hook)
+            f"RULER needs lm-evaluation-harness with its RULER extras ({err.name or 'a module'} is missing): "
             "pip install 'gqa-convert[eval]'"
         ) from None
     return version("lm-eval")
