@@ -52,6 +52,15 @@ def _cli(argv: list, env: dict | None = None, timeout: float = 300) -> subproces
     return subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout)
 
 
+def _seen(marker: Callable[[], bool]) -> bool:
+    """marker(), where a folder it lists may vanish meanwhile (the writer renames its temp folder
+    into place): that is "not yet", not an error of the test (seen in CI on an idle machine)."""
+    try:
+        return marker()
+    except FileNotFoundError:
+        return False
+
+
 def _kill_when(argv: list, marker: Callable[[], bool], delay: float, env: dict | None = None) -> bool:
     """Start the CLI, wait for `marker()` (polled every 2 ms), wait `delay` more, SIGKILL it.
     True when the kill landed (the process was still running)."""
@@ -61,7 +70,7 @@ def _kill_when(argv: list, marker: Callable[[], bool], delay: float, env: dict |
     )
     deadline = time.monotonic() + 300
     try:
-        while p.poll() is None and not marker():
+        while p.poll() is None and not _seen(marker):
             if time.monotonic() > deadline:
                 raise AssertionError(f"marker never seen: {argv}")
             time.sleep(0.002)

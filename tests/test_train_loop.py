@@ -212,7 +212,9 @@ def test_cli_reports_one_line_errors(tiny, data, tmp_path, capsys):
         ]
     )
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err[-1].startswith("gqa-convert: error: --context 4096 is longer")
+    assert rc == 2 and err[-1].startswith(
+        "gqa-convert: error: --context 4096 is above the model's max_position_embeddings"
+    )
     rc = main(
         [
             "uptrain",
