@@ -68,8 +68,6 @@ _NOT_A_VALUE = {"is", "are", "must", "cannot", "can", "needs", "need", "or", "an
 def in_recipe_terms(message: str, section: Optional[str], top: bool = True) -> str:
     """A library message in the recipe's words: `--attn flash` -> `uptrain.attn: flash` for the
     stage's section and, with `top`, `--context 4096` -> `context: 4096`; other flags stay."""
-    from ..settings import RunSettings
-
     sections = RunSettings.model_fields
     ann = sections[section].annotation if section in sections else None
     models = [a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)]  # Optional[...]
